@@ -1,0 +1,159 @@
+"""Attention entry point, 3D RoPE, and the two non-cached self-attention contexts.
+
+Glossary: B batch, F latent frames, N tokens per latent frame, L = F*N tokens, H heads, D head dim.
+Tensors in this file are laid out [B, L, H, D] (diffusers' layout) unless stated otherwise.
+
+A *context* decides what one self-attention layer attends to. The model calls
+`ctx.attend(layer, q, k, v)` with the un-roped q, k, v of the tokens it is computing and gets the
+attention output back. Three contexts exist:
+  - `FullContext`    : every token sees every token (or a boolean mask); absolute frame positions.
+                       Bidirectional mode (teacher-equivalent) and masked full forwards.
+  - `ChunkedContext` : the slow, obvious reference for streaming: each query chunk sees an explicit
+                       list of key chunks, positioned by their rank in that list.
+  - `engine.cache.KVCache`: the streaming context (rolling window + sink), positions relative to the
+                       live window.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+# ---- attention backends ---------------------------------------------------------------------------
+# One entry point; tests force a backend with `force_backend`. Later kernels register here.
+
+_BACKENDS = {}
+_forced: str | None = None
+
+
+def register_backend(name):
+    def deco(fn):
+        _BACKENDS[name] = fn
+        return fn
+    return deco
+
+
+@register_backend("sdpa")
+def _sdpa(q, k, v, mask):
+    # q [B, Lq, H, D], k/v [B, Lk, H, D], mask [Lq, Lk] bool (True = attend) or None
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return out.transpose(1, 2)
+
+
+@register_backend("math")
+def _math(q, k, v, mask):
+    # The obvious reference: softmax(q k^T / sqrt(D)) v in fp32.
+    s = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v.float()).to(q.dtype)
+
+
+def force_backend(name: str | None):
+    """Force one backend for every attention call (tests); None restores automatic choice."""
+    global _forced
+    if name is not None and name not in _BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}: expected one of {', '.join(_BACKENDS)}")
+    _forced = name
+
+
+def attention(q, k, v, mask=None):
+    """softmax attention, [B, Lq, H, D] x [B, Lk, H, D] -> [B, Lq, H, D]."""
+    return _BACKENDS[_forced or "sdpa"](q, k, v, mask)
+
+
+# ---- 3D rotary position embedding ----------------------------------------------------------------
+# Wan splits D into t/h/w parts (h = w = 2*(D//6), t = the rest), each rotated by its own axis position.
+# Unlike a precomputed table, positions here are computed on demand, so a stream never runs out of them
+# (and the cache keeps them small anyway: they are relative to the live window).
+
+def rope_split(head_dim: int) -> tuple[int, int, int]:
+    hw = 2 * (head_dim // 6)
+    return head_dim - 2 * hw, hw, hw
+
+
+def _axis_freqs(dim: int, pos: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
+    # float64 like diffusers' table, so the angles are bit-identical to its rope.
+    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=pos.device) / dim))
+    return torch.outer(pos.to(torch.float64), inv)  # [P, dim/2]
+
+
+def rope_tables(head_dim: int, frame_pos: torch.Tensor, h: int, w: int):
+    """cos, sin of shape [F*h*w, 1, D/2] for tokens on an (F, h, w) grid with the given frame positions."""
+    dt, dh, dw = rope_split(head_dim)
+    dev = frame_pos.device
+    ft = _axis_freqs(dt, frame_pos)  # [F, dt/2]
+    fh = _axis_freqs(dh, torch.arange(h, device=dev))
+    fw = _axis_freqs(dw, torch.arange(w, device=dev))
+    nf = ft.shape[0]
+    ang = torch.cat([
+        ft[:, None, None, :].expand(nf, h, w, -1),
+        fh[None, :, None, :].expand(nf, h, w, -1),
+        fw[None, None, :, :].expand(nf, h, w, -1),
+    ], dim=-1).reshape(nf * h * w, 1, head_dim // 2)
+    return ang.cos().float(), ang.sin().float()
+
+
+@functools.lru_cache(maxsize=64)
+def rope_range(head_dim: int, n_frames: int, h: int, w: int, device: str):
+    """Tables for frame positions 0..n_frames-1 (the cache's case), memoised."""
+    return rope_tables(head_dim, torch.arange(n_frames, device=device), h, w)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x [B, L, H, D]; pairs (x[2i], x[2i+1]) rotate by angle i; math in fp32, result in x's dtype.
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+    return out.type_as(x)
+
+
+# ---- contexts ------------------------------------------------------------------------------------
+
+class AttnContext(Protocol):
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
+
+
+class FullContext:
+    """All tokens of one forward attend to each other (optionally through a bool mask [L, L]).
+
+    frame_pos: [F] frame positions (default 0..F-1, as diffusers); grid = (F, h, w) after patching.
+    """
+
+    def __init__(self, grid: tuple[int, int, int], head_dim: int, device, frame_pos=None, mask=None):
+        nf, h, w = grid
+        if frame_pos is None:
+            self.cos, self.sin = rope_range(head_dim, nf, h, w, str(device))
+        else:
+            self.cos, self.sin = rope_tables(head_dim, frame_pos.to(device), h, w)
+        self.mask = mask
+
+    def attend(self, layer, q, k, v):
+        q, k = apply_rope(q, self.cos, self.sin), apply_rope(k, self.cos, self.sin)
+        return attention(q, k, v, self.mask)
+
+
+class ChunkedContext:
+    """Reference for streaming: the sequence is a list of chunks of equal token count; query chunk i
+    attends to the chunks `visible[i]` (in that order), whose frame positions are their ranks 0, 1, ...
+
+    This is deliberately slow (one attention per query chunk, keys re-roped per query chunk).
+    """
+
+    def __init__(self, visible: list[list[int]], frames_per_chunk: int, hw: tuple[int, int], head_dim: int):
+        self.visible, self.fpc, self.hw, self.head_dim = visible, frames_per_chunk, hw, head_dim
+
+    def attend(self, layer, q, k, v):
+        n = self.fpc * self.hw[0] * self.hw[1]  # tokens per chunk
+        out = torch.empty_like(q)
+        for i, keys in enumerate(self.visible):
+            assert keys and keys[-1] == i, "a chunk must see itself, last"
+            cos, sin = rope_range(self.head_dim, self.fpc * len(keys), *self.hw, str(q.device))
+            kk = torch.cat([k[:, j * n:(j + 1) * n] for j in keys], 1)
+            vv = torch.cat([v[:, j * n:(j + 1) * n] for j in keys], 1)
+            qi = apply_rope(q[:, i * n:(i + 1) * n], cos[-n:], sin[-n:])
+            out[:, i * n:(i + 1) * n] = attention(qi, apply_rope(kk, cos, sin), vv)
+        return out
