@@ -105,15 +105,19 @@ class Stream:
             self.history.append(clean)
         self.chunks += 1
 
-    def next_chunk(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Generate the next clean latent chunk [B, C, F, h, w] and commit it.
+    def sample_chunk(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Denoise the next chunk from noise -> clean latents [B, C, F, h, w] (not yet committed).
 
         All noise is drawn from `generator` on the CPU, so a seed gives the same video on every device.
         """
         def randn():
             return torch.randn(self.chunk_shape, generator=generator).to(self.device, self.dtype)
 
-        clean = sample(self.denoise, randn(), self.sampler_cfg, randn)
+        return sample(self.denoise, randn(), self.sampler_cfg, randn)
+
+    def next_chunk(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """sample_chunk, then commit it: one step of the stream."""
+        clean = self.sample_chunk(generator)
         self.commit(clean)
         return clean
 

@@ -1,0 +1,162 @@
+"""Model folders: what `--model` points at.
+
+    <folder>/engine.json                      streaming settings: preset (cache, sampler, size, fps), notes
+    <folder>/transformer/config.json          diffusers WanTransformer3DModel config
+    <folder>/transformer/diffusion_pytorch_model.safetensors
+    <folder>/vae/config.json + diffusion_pytorch_model.safetensors      (AutoencoderKLWan)
+    <folder>/text_encoder/config.json + weights                          (engine/text.py)
+
+The transformer and VAE sub-folders are diffusers' own layout, so `WanTransformer3DModel.from_pretrained`
+reads ours and a teacher saved by diffusers loads as a student. Weights are safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import ModelConfig, Preset, get_preset, preset_from_dict, to_dict
+from .model import CausalWanModel
+from .text import TextEncoder, load_text_encoder
+from .vae import VideoVAE
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DEFAULT_MODEL = "shapes"
+FORMAT = "streamgen-model"
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+class ModelLoadError(ValueError):
+    """A model folder that cannot be used; the message is one line naming the file."""
+
+
+@dataclass
+class LoadedModel:
+    path: Path
+    preset: Preset
+    transformer: CausalWanModel
+    vae: VideoVAE
+    text: TextEncoder
+    info: dict
+
+    @property
+    def name(self) -> str:
+        return self.info.get("name", self.path.name)
+
+
+def resolve(model: str | Path | None) -> Path:
+    """A folder path, or the name of a folder in assets/ (default: the shipped model)."""
+    p = Path(model) if model else ASSETS / DEFAULT_MODEL
+    if p.is_dir():
+        return p
+    if model and (ASSETS / str(model)).is_dir():
+        return ASSETS / str(model)
+    known = sorted(d.name for d in ASSETS.iterdir() if (d / "engine.json").exists()) if ASSETS.is_dir() else []
+    raise ModelLoadError(f"model folder not found: {p} (built-in names: {', '.join(known) or 'none'})")
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelLoadError(f"missing {path}") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"unreadable {path}: {e}") from None
+
+
+def transformer_config(d: dict, where: Path) -> ModelConfig:
+    """ModelConfig from a diffusers transformer config.json (extra diffusers keys must be unset)."""
+    known = {f for f in ModelConfig.__dataclass_fields__}
+    extra = {k: v for k, v in d.items() if not k.startswith("_") and k not in known and v is not None}
+    if extra:
+        raise ModelLoadError(f"{where}: unsupported transformer options {sorted(extra)}")
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known}
+    try:
+        return ModelConfig(**kw)
+    except (TypeError, ValueError) as e:
+        raise ModelLoadError(f"{where}: {e}") from None
+
+
+def load_state(model: torch.nn.Module, file: Path):
+    """Strict load with a one-line error naming the file and the first bad key."""
+    try:
+        sd = load_file(str(file))
+    except FileNotFoundError:
+        raise ModelLoadError(f"missing {file}") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ModelLoadError(f"corrupt or truncated weights {file}: {e}") from None
+    want = model.state_dict()
+    for k, v in want.items():
+        if k not in sd:
+            raise ModelLoadError(f"{file}: missing key {k}")
+        if sd[k].shape != v.shape:
+            raise ModelLoadError(f"{file}: key {k} has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)}")
+    for k in sd:
+        if k not in want:
+            raise ModelLoadError(f"{file}: unexpected key {k}")
+    model.load_state_dict({k: v.to(want[k].dtype) for k, v in sd.items()}, strict=True)
+
+
+def save_transformer(model: CausalWanModel, folder: Path, dtype=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = {"_class_name": "WanTransformer3DModel", "_diffusers_version": "0.42.1", **model.cfg.diffusers_kwargs()}
+    cfg["patch_size"] = list(cfg["patch_size"])
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    sd = {k: (v.to(dtype) if dtype else v).contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, str(folder / WEIGHTS), metadata={"format": "pt"})
+
+
+def load_transformer(folder: Path, device="cpu", dtype=torch.float32) -> CausalWanModel:
+    cfg = transformer_config(_json(folder / "config.json"), folder / "config.json")
+    with torch.device("meta"):
+        model = CausalWanModel(cfg)
+    model = model.to_empty(device="cpu")
+    load_state(model, folder / WEIGHTS)
+    return model.to(device, dtype).eval().requires_grad_(False)
+
+
+def save_model_folder(path, preset: Preset, transformer: CausalWanModel, vae: VideoVAE, text, *,
+                      weights_dtype=None, **info):
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_transformer(transformer, path / "transformer", weights_dtype)
+    vae.save(path / "vae")
+    text.save(path / "text_encoder")
+    meta = {"format": FORMAT, "version": 1, "name": path.name, **info, "preset": to_dict(preset)}
+    (path / "engine.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def load_model_folder(model: str | Path | None = None, device="cpu", dtype=torch.float32) -> LoadedModel:
+    path = resolve(model)
+    info = _json(path / "engine.json")
+    if info.get("format") != FORMAT:
+        raise ModelLoadError(f"{path / 'engine.json'}: not a model folder (format {info.get('format')!r})")
+    try:
+        preset = preset_from_dict(info["preset"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelLoadError(f"{path / 'engine.json'}: bad preset: {e}") from None
+    transformer = load_transformer(path / "transformer", device, dtype)
+    preset = replace(preset, model=transformer.cfg)  # the weights' own config is the truth
+    if not (path / "vae").is_dir():
+        raise ModelLoadError(f"missing {path / 'vae'}")
+    try:
+        vae = VideoVAE.from_folder(path / "vae", device=device, dtype=dtype)
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise ModelLoadError(f"unreadable VAE in {path / 'vae'}: {str(e).splitlines()[0]}") from None
+    try:
+        text = load_text_encoder(path / "text_encoder", device=device)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(str(e).splitlines()[0]) from None
+    return LoadedModel(path, preset, transformer, vae, text, info)
+
+
+def preset_for(name: str) -> Preset:
+    try:
+        return get_preset(name)
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from None
