@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import ModelConfig, Preset, get_preset, preset_from_dict, to_dict
+from .config import ModelConfig, Preset, preset_from_dict, to_dict
 from .model import CausalWanModel
 from .text import TextEncoder, load_text_encoder
 from .vae import VideoVAE
@@ -62,11 +62,14 @@ def resolve(model: str | Path | None) -> Path:
 
 def _json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        d = json.loads(path.read_text())
     except FileNotFoundError:
         raise ModelLoadError(f"missing {path}") from None
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"unreadable {path}: {e}") from None
+    if not isinstance(d, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object")
+    return d
 
 
 def transformer_config(d: dict, where: Path) -> ModelConfig:
@@ -142,8 +145,9 @@ def load_model_folder(model: str | Path | None = None, device="cpu", dtype=torch
         raise ModelLoadError(f"{path / 'engine.json'}: bad preset: {e}") from None
     transformer = load_transformer(path / "transformer", device, dtype)
     preset = replace(preset, model=transformer.cfg)  # the weights' own config is the truth
-    if not (path / "vae").is_dir():
-        raise ModelLoadError(f"missing {path / 'vae'}")
+    for f in (path / "vae" / "config.json", path / "vae" / WEIGHTS):
+        if not f.is_file():  # checked here: diffusers would fall back to pickle weights
+            raise ModelLoadError(f"missing {f}")
     try:
         vae = VideoVAE.from_folder(path / "vae", device=device, dtype=dtype)
     except (OSError, ValueError, EnvironmentError) as e:
@@ -153,10 +157,3 @@ def load_model_folder(model: str | Path | None = None, device="cpu", dtype=torch
     except (OSError, ValueError) as e:
         raise ModelLoadError(str(e).splitlines()[0]) from None
     return LoadedModel(path, preset, transformer, vae, text, info)
-
-
-def preset_for(name: str) -> Preset:
-    try:
-        return get_preset(name)
-    except ValueError as e:
-        raise ModelLoadError(str(e)) from None

@@ -39,7 +39,7 @@ class VideoVAE:
 
     @classmethod
     def from_folder(cls, path, device="cpu", dtype=torch.float32) -> "VideoVAE":
-        return cls(AutoencoderKLWan.from_pretrained(str(path), torch_dtype=dtype).to(device))
+        return cls(AutoencoderKLWan.from_pretrained(str(path), torch_dtype=dtype, use_safetensors=True).to(device))
 
     def save(self, path):
         """Writes diffusers' layout: config.json + diffusion_pytorch_model.safetensors."""

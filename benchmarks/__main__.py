@@ -1,0 +1,254 @@
+"""python -m benchmarks: speed of the streaming engine, side by side with the no-cache baseline, in one run.
+
+    python -m benchmarks --quick                    # < 2 min on a 2-core CPU
+    python -m benchmarks --json results.json --plot results.png
+    python -m benchmarks --preset tiny --quick      # a random model of a preset instead of the shipped one
+
+Systems (same model, resolution, frame count, seed):
+  engine     the cached stream (rolling window + sink), decode included
+  recompute  no KV cache: every forward re-runs the whole history (clean frames, block-causal) + the chunk
+Scaling: per-chunk cost and FPS at stream positions 10 s, 60 s, 300 s (quick: 10 s, 60 s). The engine is
+streamed there for real; the recompute baseline is timed for a few chunks after its history has been filled
+with clean latents of that length (its cost depends on the length, not on the values).
+First-chunk latency is reported warm (after a warm-up pass, as a server would be) and cold (first call).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.folder import ModelLoadError, load_model_folder
+from engine.pipeline import VideoGenerator
+
+PROMPT = "a red circle bouncing on a black background"
+
+
+def device_info(device: str, dtype: torch.dtype) -> dict:
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+    return {"name": name, "type": device, "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def summarize(chunks_ms, stages, frames, seconds, first_ms):
+    p50, p95 = (float(np.percentile(chunks_ms, q)) for q in (50, 95))
+    return {"fps": frames / seconds, "frames": frames, "seconds": seconds, "first_frame_ms": first_ms,
+            "chunk_ms": {"p50": p50, "p95": p95},
+            "stage_ms": {k: float(np.mean(v)) for k, v in stages.items()},
+            "fps_without_decode": frames / max(seconds - sum(stages.get("decode", [])) / 1000, 1e-9),
+            "peak_memory_mb": peak_rss_mb()}
+
+
+def stream_system(model, frames: int, recompute: bool, seed: int = 0, marks=()) -> tuple[dict, dict]:
+    """Stream `frames` frames and time it; `marks` are frame counts at which to report the local FPS."""
+    gen = VideoGenerator(model, recompute=recompute)
+    gen.warmup()
+    chunks_ms, stages, ends = [], {}, []
+    t0 = time.perf_counter()
+    first = None
+    tc = t0
+    for c in gen.run([(0, PROMPT)], frames, seed=seed):
+        now = time.perf_counter()
+        chunks_ms.append((now - tc) * 1000)
+        tc = now
+        if first is None:
+            first = (now - t0) * 1000
+        for k, v in c.timings_ms.items():
+            stages.setdefault(k, []).append(v)
+        ends.append((c.first_frame + len(c.frames), len(c.frames)))
+    total = time.perf_counter() - t0
+    at = {}
+    for m in marks:  # local speed at a stream position: the last 8 whole chunks that end by it
+        idx = [i for i, (end, n) in enumerate(ends) if end <= m and n == ends[min(1, len(ends) - 1)][1]][-8:]
+        ms = sum(chunks_ms[i] for i in idx)
+        at[m] = {"chunk_ms": ms / len(idx), "fps": sum(ends[i][1] for i in idx) / (ms / 1000)}
+    return summarize(chunks_ms, stages, frames, total, first), at
+
+
+def recompute_at(model, frames_before: int, chunks: int = 2, seed: int = 0) -> dict:
+    """Time the no-cache baseline at a stream position of `frames_before` frames.
+
+    With chunks=0 only one forward is timed and a chunk is counted as (steps x forward + decode): the
+    baseline's commit runs no forward. Used where one chunk would take minutes.
+    """
+    gen = VideoGenerator(model, recompute=True)
+    st = gen.stream
+    st.set_prompt(gen.embed(PROMPT))
+    g = torch.Generator().manual_seed(seed)
+    n_hist = max(0, gen.chunks_for_frames(frames_before) - 1)
+    st.history = [torch.randn(st.chunk_shape, generator=g).to(st.device, st.dtype) for _ in range(n_hist)]
+    st.chunks = n_hist
+    decoder = model.vae.stream()
+    decoder.decode(st.history[-1][:, :, -1:] if st.history else torch.zeros(st.chunk_shape)[:, :, :1])
+    times = []
+    x = torch.randn(st.chunk_shape, generator=g).to(st.device, st.dtype)
+    for _ in range(chunks):
+        t0 = time.perf_counter()
+        clean = st.sample_chunk(g)
+        st.commit(clean)
+        frames = decoder.decode(clean).shape[2]
+        times.append((time.perf_counter() - t0) * 1000)
+    if not chunks:
+        t0 = time.perf_counter()
+        st.denoise(x, 500.0)
+        fwd = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        frames = decoder.decode(x).shape[2]
+        times.append((fwd * len(st.sampler_cfg.timesteps) + time.perf_counter() - t0) * 1000)
+    ms = float(np.median(times))
+    return {"chunk_ms": ms, "fps": frames / (ms / 1000), "context_frames": n_hist * st.cache_cfg.frames_per_chunk,
+            "method": f"{chunks} chunks timed" if chunks else "one forward timed, x steps, + decode"}
+
+
+def cold_first_chunk(model_arg, device, dtype) -> float:
+    """First chunk in a fresh process, without warm-up (what a one-shot CLI user sees)."""
+    code = ("import time,torch,sys;torch.set_num_threads(%d);from engine.folder import load_model_folder;"
+            "from engine.pipeline import VideoGenerator;m=load_model_folder(%r,device=%r,dtype=torch.%s);"
+            "g=VideoGenerator(m);t=time.perf_counter();next(g.run([(0,%r)],None));"
+            "print((time.perf_counter()-t)*1000)") % (torch.get_num_threads(), model_arg, device,
+                                                      str(dtype).removeprefix("torch."), PROMPT)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def table(results: dict) -> str:
+    rows = [("system", "fps", "x realtime", "first ms", "chunk p50", "chunk p95", "fps no decode")]
+    fps_rt = results["model"]["fps"]
+    for name, r in results["systems"].items():
+        rows.append((name, f"{r['fps']:.1f}", f"{r['fps'] / fps_rt:.2f}", f"{r['first_frame_ms']:.0f}",
+                     f"{r['chunk_ms']['p50']:.0f}", f"{r['chunk_ms']['p95']:.0f}", f"{r['fps_without_decode']:.1f}"))
+    lines = ["  ".join(f"{c:>13}" for c in row) for row in rows]
+    lines.append("")
+    lines.append("stage ms per chunk (engine): " + ", ".join(
+        f"{k} {v:.1f}" for k, v in results["systems"]["engine"]["stage_ms"].items()))
+    lines.append("scaling (stream position: engine fps | recompute fps):")
+    for s in results["scaling"]:
+        lines.append(f"  {s['seconds']:>5} s: engine {s['engine']['fps']:7.1f} fps ({s['engine']['chunk_ms']:.0f} ms/chunk)"
+                     f"  | recompute {s['recompute']['fps']:7.2f} fps ({s['recompute']['chunk_ms']:.0f} ms/chunk)"
+                     f"  -> cache advantage {s['recompute']['chunk_ms'] / s['engine']['chunk_ms']:.1f}x")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    st = results["systems"]["engine"]["stage_ms"]
+    a.bar(list(st), list(st.values()))
+    a.set_ylabel("ms per chunk")
+    a.set_title(f"engine stages ({results['device']['name'][:30]})")
+    secs = [s["seconds"] for s in results["scaling"]]
+    b.plot(secs, [s["engine"]["fps"] for s in results["scaling"]], "o-", label="engine (KV cache)")
+    b.plot(secs, [s["recompute"]["fps"] for s in results["scaling"]], "s-", label="recompute (no cache)")
+    b.axhline(results["model"]["fps"], ls="--", c="gray", label="real time")
+    b.set_xscale("log")
+    b.set_yscale("log")
+    b.set_xlabel("stream position (s)")
+    b.set_ylabel("frames/s")
+    b.legend()
+    b.set_title("speed vs stream length")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="a run under 2 minutes on a 2-core CPU")
+    p.add_argument("--json", help="write machine-readable results here")
+    p.add_argument("--plot", help="write figures (PNG) here")
+    p.add_argument("--preset", help="benchmark a random model of this preset instead of the shipped model")
+    p.add_argument("--model", help="model folder (default: the shipped model)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2, the reference machine)")
+    p.add_argument("--seconds", type=float, nargs="*", help="scaling positions in seconds")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    dtype = getattr(torch, a.dtype)
+    model_arg = a.model
+    if a.preset:
+        import tempfile
+
+        from engine.init_model import random_model_folder
+        model_arg = str(Path(tempfile.mkdtemp()) / a.preset)
+        try:
+            random_model_folder(a.preset, model_arg, weights_dtype=torch.float32)
+        except ValueError as e:
+            p.error(str(e))
+    try:
+        model = load_model_folder(model_arg, device=a.device, dtype=dtype)
+    except ModelLoadError as e:
+        p.error(str(e))
+    pr = model.preset
+    secs = a.seconds or ([10, 30] if a.quick else [10, 60, 300])
+    n_params = sum(x.numel() for x in model.transformer.parameters())
+    results = {
+        "git_sha": git_sha(),
+        "device": device_info(a.device, dtype),
+        "model": {"preset": pr.name, "path": str(model.path), "placeholder": bool(model.info.get("placeholder")),
+                  "parameters": n_params, "resolution": [pr.width, pr.height], "fps": pr.fps,
+                  "frames_per_chunk": pr.cache.frames_per_chunk, "latent_frames_per_chunk": pr.cache.frames_per_chunk,
+                  "video_frames_per_chunk": pr.cache.frames_per_chunk * model.vae.temporal,
+                  "steps": len(pr.sampler.timesteps), "window_frames": pr.cache.window_frames,
+                  "sink": pr.cache.sink, "sink_frames": pr.cache.sink_frames},
+        "systems": {},
+        "scaling": [],
+    }
+    frames = int(10 * pr.fps)  # the side-by-side run: 10 s of video for every system
+    print(f"benchmarking {pr.name} ({n_params / 1e6:.1f} M parameters, {pr.width}x{pr.height}) on "
+          f"{results['device']['name']}, {a.threads} threads", file=sys.stderr)
+    results["systems"]["engine"], _ = stream_system(model, frames, recompute=False)
+    results["systems"]["recompute"], _ = stream_system(model, frames, recompute=True)
+    results["systems"]["engine"]["cold_first_chunk_ms"] = cold_first_chunk(str(model.path), a.device, dtype)
+    longest = int(max(secs) * pr.fps)
+    print(f"streaming {max(secs):.0f} s with the engine ...", file=sys.stderr)
+    marks = [int(s * pr.fps) for s in secs]
+    _, at = stream_system(model, longest, recompute=False, marks=marks)
+    for s, m in zip(secs, marks):
+        print(f"recompute baseline at {s:.0f} s ...", file=sys.stderr)
+        chunks = 2 if s <= 60 else 0
+        results["scaling"].append({"seconds": s, "engine": at[m], "recompute": recompute_at(model, m, chunks)})
+    print(table(results))
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(results, indent=2) + "\n")
+    if a.plot:
+        plot(results, a.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
