@@ -13,7 +13,7 @@ Presets: `tiny` (tests), `shapes` (the built-in model: CPU real time), `wan2.1-1
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 SINK_POLICIES = ("none", "static", "ema")
 

@@ -74,8 +74,10 @@ class Stream:
             replay = self.sink_latents + list(self.window_latents)
             self.cache.reset()
         self.sink_latents, self.window_latents = [], deque()
+        chunks = self.chunks
         for clean in replay:
             self.commit(clean)
+        self.chunks = chunks  # a re-cache does not advance the video
 
     def prime(self, clean_chunks):
         """Fill the context from given clean latent chunks, each [B, C, F, h, w] (as if generated)."""

@@ -256,3 +256,26 @@ def test_same_seed_same_latents_and_recompute_runs():
     torch.testing.assert_close(first, outs[0][:, :, :2], rtol=1e-5, atol=1e-5)
     r.next_chunk(g)
     assert len(r.history) == 2
+
+
+def test_batched_stream_equals_separate_streams():
+    """Batch rows are independent sessions: one batched stream equals one stream per row."""
+    model = make_model(13)
+    g = torch.Generator().manual_seed(14)
+    B, n = 3, 5
+    text = torch.randn(B, 5, 32, generator=g)
+    X = [torch.randn(B, 4, 2, 4, 4, generator=g) for _ in range(n)]
+    Y = [torch.randn(B, 4, 2, 4, 4, generator=g) for _ in range(n)]
+    ts = [900.0, 10.0, 500.0, 250.0, 640.0]
+    batched = Stream(model, TINY, batch=B)
+    batched.set_prompt(text)
+    got = []
+    for x, y, t in zip(X, Y, ts):
+        got.append(batched.denoise(y, t))
+        batched.commit(x)
+    for b in range(B):
+        single = Stream(model, TINY)
+        single.set_prompt(text[b:b + 1])
+        for c, (x, y, t) in enumerate(zip(X, Y, ts)):
+            torch.testing.assert_close(single.denoise(y[b:b + 1], t), got[c][b:b + 1], rtol=1e-5, atol=1e-5)
+            single.commit(x[b:b + 1])
