@@ -67,7 +67,6 @@ def main(argv=None) -> int:
 
     import torch  # heavy imports after argument checks, so `--help` and bad flags answer at once
 
-    from .config import CacheConfig
     from .folder import ModelLoadError, load_model_folder
     from .pipeline import VideoGenerator
     from .video_io import open_writer
@@ -85,15 +84,11 @@ def main(argv=None) -> int:
     except ModelLoadError as e:
         parser.error(f"--model: {e}")
     preset = model.preset
-    cache_cfg = preset.cache
+    overrides = {k: v for k, v in (("sink", a.sink), ("window_frames", a.window)) if v is not None}
     try:
-        if a.sink:
-            cache_cfg = replace(cache_cfg, sink=a.sink)
-        if a.window is not None:
-            cache_cfg = replace(cache_cfg, window_frames=a.window)
+        cache_cfg = replace(preset.cache, **overrides)
     except ValueError as e:
         parser.error(str(e))
-    assert isinstance(cache_cfg, CacheConfig)
 
     frames = a.frames if a.frames is not None else round((a.seconds if a.seconds is not None else 5.0) * preset.fps)
     frames = max(frames, 1)
