@@ -117,9 +117,9 @@ def recompute_at(model, frames_before: int, chunks: int = 2, seed: int = 0) -> d
     st.history = [torch.randn(st.chunk_shape, generator=g).to(st.device, st.dtype) for _ in range(n_hist)]
     st.chunks = n_hist
     decoder = model.vae.stream()
-    decoder.decode(st.history[-1][:, :, -1:] if st.history else torch.zeros(st.chunk_shape)[:, :, :1])
+    # move the decoder past its first-frame path, as it would be this far into a stream
+    decoder.decode(torch.zeros(st.chunk_shape)[:, :, :1])
     times = []
-    x = torch.randn(st.chunk_shape, generator=g).to(st.device, st.dtype)
     for _ in range(chunks):
         t0 = time.perf_counter()
         clean = st.sample_chunk(g)
@@ -127,6 +127,7 @@ def recompute_at(model, frames_before: int, chunks: int = 2, seed: int = 0) -> d
         frames = decoder.decode(clean).shape[2]
         times.append((time.perf_counter() - t0) * 1000)
     if not chunks:
+        x = torch.randn(st.chunk_shape, generator=g).to(st.device, st.dtype)
         t0 = time.perf_counter()
         st.denoise(x, 500.0)
         fwd = time.perf_counter() - t0

@@ -82,10 +82,13 @@ class Attention(nn.Module):
         self.norm_q = nn.RMSNorm(dim, eps=eps)
         self.norm_k = nn.RMSNorm(dim, eps=eps)
 
+    def q(self, x):
+        # x [B, L, dim] -> q [B, L, H, D] (un-roped)
+        return self.norm_q(self.to_q(x)).unflatten(2, (self.heads, -1))
+
     def qkv(self, x):
         # x [B, L, dim] -> q, k, v [B, L, H, D] (un-roped)
-        q, k, v = self.norm_q(self.to_q(x)), self.norm_k(self.to_k(x)), self.to_v(x)
-        return (t.unflatten(2, (self.heads, -1)) for t in (q, k, v))
+        return (self.q(x), *self.kv(x))
 
     def kv(self, ctx):
         # text [B, Lt, dim] -> k, v [B, Lt, H, D]
@@ -140,8 +143,7 @@ class Block(nn.Module):
 
         # 2. Cross-attention to the prompt (K/V cached per prompt)
         h = self.norm2(x.float()).type_as(x)
-        q = self.attn2.norm_q(self.attn2.to_q(h)).unflatten(2, (self.attn2.heads, -1))
-        x = x + self.attn2.out(attention(q, *text_kv).type_as(h))
+        x = x + self.attn2.out(attention(self.attn2.q(h), *text_kv).type_as(h))
 
         # 3. Feed-forward
         h = (self.norm3(x.float()) * (1 + c_scale) + c_shift).type_as(x)

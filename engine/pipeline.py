@@ -44,7 +44,6 @@ class VideoGenerator:
         self.stream = Stream(model.transformer, model.preset, cache_cfg=cache_cfg, sampler_cfg=sampler_cfg,
                              recompute=recompute)
         self.decode = decode
-        self._text_cache: dict[str, torch.Tensor] = {}
 
     @property
     def fps(self) -> int:
@@ -59,9 +58,7 @@ class VideoGenerator:
         return -(-(frames + self.m.vae.temporal - 1) // c)
 
     def embed(self, prompt: str) -> torch.Tensor:
-        if prompt not in self._text_cache:
-            self._text_cache[prompt] = self.m.text.encode([prompt])
-        return self._text_cache[prompt]
+        return self.m.text.encode([prompt])  # [1, Lt, text_dim]; umT5 keeps its own prompt cache
 
     @torch.no_grad()
     def warmup(self):
@@ -70,7 +67,6 @@ class VideoGenerator:
         for _ in self.run([(0, "")], 1, seed=0):
             pass
         self.stream.reset()
-        self._text_cache.clear()
 
     def run(self, prompts: list[tuple[int, str]], num_frames: int | None, seed: int = 0) -> Iterator[Chunk]:
         """prompts: [(first frame, prompt), ...] sorted, the first at frame 0. A switch takes effect at the
