@@ -1,0 +1,139 @@
+"""Train the bidirectional Shapes teacher (and the Shapes text encoder with it) by flow matching.
+
+    python -m distill.train_teacher --vae assets/shapes/vae --out runs/teacher --steps 3000
+    python -m distill.train_teacher --out runs/teacher --export runs/teacher/export   # transformer + text_encoder
+    python -m distill.train_teacher --out runs/teacher --eval 50                    # oracle adherence
+
+Data: `--clips` rendered clips encoded once by the VAE into `--latents` (made on first use). Each sample's
+prompt is dropped to the empty prompt with probability `--p-uncond` (classifier-free guidance); sigma is
+drawn uniformly and shifted by `--shift` (more weight on high noise, where layout and motion are decided).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from engine.config import get_preset
+from engine.text import ShapesTextEncoder
+from engine.vae import VideoVAE
+
+from .data import LatentSet, ShapesClips, encode_clips, to_uint8
+from .shapes import sample_prompt
+from .teacher import Teacher, sample, shift_sigma
+from .trainer import Trainer, add_train_args, config_from_args, load_weights, setup_distributed
+
+
+class TeacherTask:
+    def __init__(self, data: LatentSet, tokenizer: ShapesTextEncoder, p_uncond: float, shift: float, device):
+        self.data, self.tok, self.p_uncond, self.shift, self.device = data, tokenizer, p_uncond, shift, device
+
+    def batch(self, ids):
+        return self.data.get(ids)
+
+    def loss(self, model, batch, gen):
+        prompts, x0 = batch
+        B = x0.shape[0]
+        drop = torch.rand(B, generator=gen) < self.p_uncond
+        ids, lengths = self.tok._tokenize(["" if d else p for p, d in zip(prompts, drop.tolist())])
+        sigma = shift_sigma(torch.rand(B, generator=gen), self.shift)
+        eps = torch.randn(x0.shape, generator=gen)
+        s = sigma.view(B, 1, 1, 1, 1)
+        xt = ((1 - s) * x0 + s * eps).to(self.device)
+        v = model(xt, (sigma * 1000).to(self.device), ids.to(self.device), lengths.to(self.device))
+        loss = F.mse_loss(v, (eps - x0).to(self.device))
+        return loss, {}
+
+
+def build(preset_name: str, seed: int = 0) -> Teacher:
+    return Teacher.from_preset(get_preset(preset_name), seed=seed)
+
+
+def load_teacher(run: Path, preset_name: str, which: str = "ema") -> Teacher:
+    t = build(preset_name)
+    t.load_state_dict(load_weights(run, which), strict=True)
+    return t.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def generate(teacher: Teacher, vae: VideoVAE, prompts: list[str], latent_frames: int, latent_hw, seed: int,
+             steps: int, guidance: float, shift: float, batch: int = 10) -> list:
+    """uint8 videos [T, H, W, 3] (T = 1 + 4 (latent_frames - 1)) from the teacher's multi-step sampler."""
+    out = []
+    for s in range(0, len(prompts), batch):
+        ps = prompts[s:s + batch]
+        g = torch.Generator().manual_seed(seed + s)
+        noise = torch.randn((len(ps), teacher.transformer.config.in_channels, latent_frames, *latent_hw), generator=g)
+        z = sample(teacher.transformer, teacher.text.encode(ps), teacher.text.encode([""] * len(ps)), noise,
+                   steps, guidance, shift)
+        out += list(to_uint8(vae.decode(z)))
+    return out
+
+
+def evaluate(teacher: Teacher, vae: VideoVAE, preset, n: int, frames: int, steps: int, guidance: float,
+             shift: float, seed: int = 1234) -> dict:
+    """Oracle adherence of the teacher on n random prompts (fresh seed)."""
+    from benchmarks.oracle import score_video
+
+    rng = random.Random(seed)
+    prompts = [sample_prompt(rng) for _ in range(n)]
+    videos = generate(teacher, vae, prompts, (frames - 1) // vae.temporal + 1, preset.latent_hw, seed, steps,
+                      guidance, shift)
+    scores = [score_video(v, p).score for v, p in zip(videos, prompts)]
+    return {"adherence": sum(scores) / n, "prompts": n, "frames": frames, "steps": steps, "guidance": guidance,
+            "shift": shift}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m distill.train_teacher", description=__doc__.split("\n")[0])
+    add_train_args(p, steps=3000, batch_size=16, lr=3e-4, warmup=100, ckpt_every=100, ema=0.999,
+                   out="runs/teacher")
+    p.add_argument("--preset", default="shapes")
+    p.add_argument("--vae", default="assets/shapes/vae", help="trained VAE folder (diffusers layout)")
+    p.add_argument("--latents", default="runs/latents-shapes.safetensors")
+    p.add_argument("--clips", type=int, default=4000, help="clips to render and encode when --latents is new")
+    p.add_argument("--frames", type=int, default=33, help="video frames per clip (1 + 4k)")
+    p.add_argument("--p-uncond", type=float, default=0.1)
+    p.add_argument("--shift", type=float, default=3.0)
+    p.add_argument("--export", metavar="DIR", help="write transformer/ and text_encoder/ folders")
+    p.add_argument("--eval", type=int, metavar="N", help="oracle adherence of N random prompts")
+    p.add_argument("--steps-sample", type=int, default=30)
+    p.add_argument("--guidance", type=float, default=4.0)
+    args = p.parse_args(argv)
+    preset = get_preset(args.preset)
+    out = Path(args.out)
+    if args.export or args.eval:
+        teacher = load_teacher(out, args.preset)
+        if args.export:
+            teacher.transformer.save_pretrained(str(Path(args.export) / "transformer"), safe_serialization=True)
+            teacher.text.save(Path(args.export) / "text_encoder")
+            print(args.export)
+        if args.eval:
+            print(json.dumps(evaluate(teacher, VideoVAE.from_folder(args.vae), preset, args.eval, args.frames,
+                                      args.steps_sample, args.guidance, args.shift)))
+        return 0
+    rank, world, device = setup_distributed()
+    lat = Path(args.latents)
+    if not lat.exists():
+        if rank == 0:
+            vae = VideoVAE.from_folder(args.vae)
+            encode_clips(vae, ShapesClips(preset.width, preset.height, args.frames, seed=args.seed), args.clips, lat,
+                         quiet=args.quiet)
+        if world > 1:
+            torch.distributed.barrier()
+    data = LatentSet(lat)
+    teacher = build(args.preset, args.seed).to(device)
+    task = TeacherTask(data, teacher.text, args.p_uncond, args.shift, device)
+    Trainer(teacher, task, config_from_args(args), out, device=device, resume=not args.no_resume,
+            quiet=args.quiet).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

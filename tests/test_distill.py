@@ -1,0 +1,113 @@
+"""Distillation pieces against the engine: the student's one-pass training forward equals streaming."""
+
+import pytest
+import torch
+
+from distill.ode_init import ODETask, TeacherForced, teacher_forcing_forward, trajectory_grid
+from distill.teacher import Teacher, sample
+from engine.config import SamplerConfig, get_preset
+from engine.model import CausalWanModel
+from engine.sampler import sigmas as engine_sigmas
+from engine.stream import Stream
+
+
+def _randomise(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_teacher_forcing_forward_equals_streaming(seed):
+    preset = get_preset("tiny")
+    model = _randomise(CausalWanModel(preset.model), seed).eval()
+    fpc = preset.cache.frames_per_chunk
+    nchunks = (preset.cache.window_frames // fpc) + 1  # the longest stretch with no eviction
+    g = torch.Generator().manual_seed(100 + seed)
+    h, w = preset.latent_hw
+    shape = (2, preset.model.in_channels, nchunks * fpc, h, w)
+    clean, noisy = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    t_chunk = torch.rand(nchunks, generator=g) * 1000
+    text = torch.randn(2, 5, preset.model.text_dim, generator=g)
+    with torch.no_grad():
+        v = teacher_forcing_forward(model, clean, noisy, t_chunk.repeat_interleave(fpc)[None].expand(2, -1),
+                                    model.text_kv(text), fpc)
+    s = Stream(model, preset, batch=2)
+    s.set_prompt(text)
+    for c in range(nchunks):
+        sl = slice(c * fpc, (c + 1) * fpc)
+        ref = s.denoise(noisy[:, :, sl], float(t_chunk[c]))
+        torch.testing.assert_close(v[:, :, sl], ref, atol=2e-5, rtol=1e-4)
+        s.commit(clean[:, :, sl])
+    # the context matters: with other clean latents the last chunk's prediction changes
+    with torch.no_grad():
+        v2 = teacher_forcing_forward(model, torch.randn(shape, generator=g), noisy,
+                                     t_chunk.repeat_interleave(fpc)[None].expand(2, -1), model.text_kv(text), fpc)
+    assert not torch.allclose(v2[:, :, -fpc:], v[:, :, -fpc:], atol=1e-3)
+    torch.testing.assert_close(v2[:, :, :fpc], v[:, :, :fpc])  # ... but not the first chunk's
+
+
+def test_trajectory_grid_passes_through_student_sigmas():
+    cfg = SamplerConfig(timesteps=(1000.0, 750.0, 500.0, 250.0), shift=3.0)
+    sig, idx = trajectory_grid(cfg, 5)
+    assert len(sig) == 4 * 5 + 1 and sig[0] == 1 and sig[-1] == 0
+    assert (sig[:-1] > sig[1:]).all()
+    torch.testing.assert_close(sig[idx], torch.tensor(engine_sigmas(cfg)[:4], dtype=torch.float32))
+
+
+def test_ode_task_regresses_to_the_trajectory_end():
+    """The ODE loss is zero for a model that predicts v = (x_k - x_0) / sigma_k exactly."""
+    preset = get_preset("tiny")
+    fpc = preset.cache.frames_per_chunk
+    h, w = preset.latent_hw
+    sig = [1.0, 0.9, 0.75, 0.5]
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(3, preset.model.in_channels, 2 * fpc, h, w, generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    states = torch.stack([(1 - s) * x0 + s * eps for s in sig] + [x0], dim=1)
+
+    class P:
+        prompts, sigmas = ["a", "b", "c"], sig
+
+    P.states = states
+
+    class Text:
+        def encode(self, ps):
+            return torch.zeros(len(ps), 4, preset.model.text_dim)
+
+    task = ODETask(P(), Text(), fpc, "cpu")
+    batch = task.batch([0, 1, 2])
+
+    class Exact(torch.nn.Module):
+        def forward(self, clean, noisy, t, text):
+            return (noisy - clean) / (t[:, None, :, None, None] / 1000)
+
+    loss, _ = task.loss(Exact(), batch, torch.Generator().manual_seed(0))
+    assert loss.item() < 1e-10
+    loss, _ = task.loss(TeacherForced(CausalWanModel(preset.model), fpc), batch, torch.Generator().manual_seed(0))
+    assert loss.item() > 1e-3
+
+
+def test_teacher_sampler_matches_diffusers_euler():
+    """Our Euler loop with CFG equals diffusers' FlowMatchEulerDiscreteScheduler driving the same model."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    preset = get_preset("tiny")
+    teacher = Teacher.from_preset(preset, seed=1).eval()
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(1, preset.model.in_channels, 3, *preset.latent_hw, generator=g)
+    cond = teacher.text.encode(["a red circle bouncing on a black background"])
+    uncond = teacher.text.encode([""])
+    ours = sample(teacher.transformer, cond, uncond, noise, steps=6, guidance=3.0, shift=3.0)
+    sch = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sch.set_timesteps(6)
+    x = noise
+    with torch.no_grad():
+        for t in sch.timesteps:
+            tt = t.expand(1)
+            vc = teacher.transformer(x, tt, encoder_hidden_states=cond, return_dict=False)[0]
+            vu = teacher.transformer(x, tt, encoder_hidden_states=uncond, return_dict=False)[0]
+            x = sch.step(vu + 3.0 * (vc - vu), t, x, return_dict=False)[0]
+    torch.testing.assert_close(ours, x, atol=1e-4, rtol=1e-4)
