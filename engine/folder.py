@@ -8,6 +8,10 @@
 
 The transformer and VAE sub-folders are diffusers' own layout, so `WanTransformer3DModel.from_pretrained`
 reads ours and a teacher saved by diffusers loads as a student. Weights are safetensors only.
+
+`--model` also takes existing checkpoints directly (a diffusers or original Wan2.1 folder, the .pt files of
+Self-Forcing, CausVid, Reward Forcing and LongLive, hub ids): `load_model_folder` hands anything that is not an
+engine folder to engine/checkpoints.py, and `python -m engine.convert` writes it as an engine folder.
 """
 
 from __future__ import annotations
@@ -50,12 +54,25 @@ class LoadedModel:
 
 
 def resolve(model: str | Path | None) -> Path:
-    """A folder path, or the name of a folder in assets/ (default: the shipped model)."""
+    """A folder path, or the name of a folder in assets/ (default: the shipped model); also a checkpoint file, or
+    a Hugging Face hub id (`org/name`, `hf://org/name[/file]`: the local cache, else a download; a one-line error
+    when offline)."""
     p = Path(model) if model else ASSETS / DEFAULT_MODEL
     if p.is_dir():
         return p
     if model and (ASSETS / str(model)).is_dir():
         return ASSETS / str(model)
+    if model and p.is_file():
+        return p
+    if model:
+        from . import checkpoints
+        if checkpoints.is_hub_id(str(model)):
+            try:
+                return checkpoints.hub_path(str(model))
+            except ModelLoadError as e:
+                known = sorted(d.name for d in ASSETS.iterdir() if (d / "engine.json").exists()) \
+                    if ASSETS.is_dir() else []
+                raise ModelLoadError(f"{e} (built-in names: {', '.join(known) or 'none'})") from None
     known = sorted(d.name for d in ASSETS.iterdir() if (d / "engine.json").exists()) if ASSETS.is_dir() else []
     raise ModelLoadError(f"model folder not found: {p} (built-in names: {', '.join(known) or 'none'})")
 
@@ -134,7 +151,26 @@ def save_model_folder(path, preset: Preset, transformer: CausalWanModel, vae: Vi
     (path / "engine.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def load_model_folder(model: str | Path | None = None, device="cpu", dtype=torch.float32) -> LoadedModel:
+def _is_foreign(model) -> bool:
+    """Not an engine folder nor an assets/ name, but something engine/checkpoints.py loads."""
+    p = Path(model)
+    if (p / "engine.json").is_file() or (not p.exists() and (ASSETS / str(model)).is_dir()):
+        return False
+    from . import checkpoints
+    if checkpoints.is_hub_id(str(model)):  # a hub repo may hold an engine folder too
+        return not (resolve(model) / "engine.json").is_file()
+    return checkpoints.claims(model)
+
+
+def load_model_folder(model: str | Path | None = None, device="cpu", dtype=torch.float32,
+                      text_offload: bool | None = None) -> LoadedModel:
+    """An engine model folder (or, through engine/checkpoints.py, any supported checkpoint layout) -> LoadedModel.
+
+    text_offload keeps a umT5 text encoder on the CPU and moves only its embeddings to `device` (None: the
+    folder's engine.json "text_offload", default off)."""
+    if model is not None and _is_foreign(model):
+        from .checkpoints import load_checkpoint
+        return load_checkpoint(model, device=device, dtype=dtype, text_offload=bool(text_offload))
     path = resolve(model)
     info = _json(path / "engine.json")
     if info.get("format") != FORMAT:
@@ -152,8 +188,10 @@ def load_model_folder(model: str | Path | None = None, device="cpu", dtype=torch
         vae = VideoVAE.from_folder(path / "vae", device=device, dtype=dtype)
     except (OSError, ValueError, EnvironmentError) as e:
         raise ModelLoadError(f"unreadable VAE in {path / 'vae'}: {str(e).splitlines()[0]}") from None
+    offload = info.get("text_offload", False) if text_offload is None else text_offload
     try:
-        text = load_text_encoder(path / "text_encoder", device=device)
+        text = load_text_encoder(path / "text_encoder", device=device, dtype=dtype,
+                                 **({"offload": True} if offload else {}))
     except (OSError, ValueError) as e:
         raise ModelLoadError(str(e).splitlines()[0]) from None
     return LoadedModel(path, preset, transformer, vae, text, info)
