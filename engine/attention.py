@@ -17,22 +17,40 @@ attention output back. Three contexts exist:
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
+import warnings
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
+from kernels.block_sparse import BlockTable, block_sparse_attention, ordered_from_mask
+
 # ---- attention backends ---------------------------------------------------------------------------
-# One entry point; tests force a backend with `force_backend`. Later kernels register here.
+# One entry point, `attention(q, k, v, mask)`; tests force a backend with `force_backend`.
+# `mask` is None (full), a bool tensor broadcastable to [B, H, Lq, Lk] (True = attend), or a
+# `kernels.block_sparse.BlockTable` (block-sparse: which key blocks each query block sees).
+# Each backend says what it takes: a dense mask, a block table, or both. The entry point converts where it
+# can (a table -> its dense token mask for a dense-only backend; no mask -> a full table for a table-only
+# backend) and refuses otherwise.
+#   sdpa     F.scaled_dot_product_attention                      dense mask       (default for dense calls)
+#   math     fp32 einsum/softmax reference                       dense mask
+#   gather   kernels.block_sparse torch path (gathers blocks)    table            (default for tables off CUDA)
+#   triton   kernels.block_sparse Triton kernels (fwd + bwd)     table            (default for tables on CUDA)
+#   flex     torch flex_attention (compiled on CUDA)             dense mask, table
+#   flash    flash_attn.flash_attn_func (when installed)         no mask
+#   xformers xformers memory_efficient_attention (when installed) dense mask
 
 _BACKENDS = {}
+_TAKES: dict[str, tuple[bool, bool]] = {}  # name -> (dense mask, block table)
 _forced: str | None = None
 
 
-def register_backend(name):
+def register_backend(name, *, dense_mask: bool = True, block_table: bool = False):
     def deco(fn):
         _BACKENDS[name] = fn
+        _TAKES[name] = (dense_mask, block_table)
         return fn
     return deco
 
@@ -53,6 +71,79 @@ def _math(q, k, v, mask):
     return torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v.float()).to(q.dtype)
 
 
+def _bhld(*xs):
+    return [x.transpose(1, 2) for x in xs]  # [B, L, H, D] <-> [B, H, L, D], views
+
+
+@register_backend("gather", dense_mask=False, block_table=True)
+def _gather(q, k, v, table):
+    return block_sparse_attention(*_bhld(q, k, v), table, impl="torch").transpose(1, 2)
+
+
+@register_backend("triton", dense_mask=False, block_table=True)
+def _triton(q, k, v, table):
+    return block_sparse_attention(*_bhld(q, k, v), table, impl="triton").transpose(1, 2)
+
+
+_flex_compiled = None
+
+
+@register_backend("flex", dense_mask=True, block_table=True)
+def _flex(q, k, v, mask):
+    global _flex_compiled
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+    B, Lq, H, _ = q.shape
+    Lk = k.shape[1]
+    if isinstance(mask, BlockTable):
+        t = mask.expand(B, H)
+        blocks, bm, bn = t.block_mask(), t.block_m, t.block_n  # [B, H, NQB, NKB]
+
+        def mask_mod(b, h, qi, ki):  # the eager (CPU) path applies only mask_mod: it must carry the sparsity
+            return blocks[b, h, qi // bm, ki // bn] & (ki < Lk)
+
+        idx, cnt = ordered_from_mask(blocks)
+        block_mask = BlockMask.from_kv_blocks(cnt, idx, BLOCK_SIZE=(bm, bn), mask_mod=mask_mod, seq_lengths=(Lq, Lk))
+    elif mask is not None:
+        dense = mask.expand(B, H, Lq, Lk)
+        block_mask = create_block_mask(lambda b, h, qi, ki: dense[b, h, qi, ki], B, H, Lq, Lk, device=q.device)
+    else:
+        block_mask = None
+    if q.is_cuda:
+        if _flex_compiled is None:
+            _flex_compiled = torch.compile(flex_attention, dynamic=False)
+        fn = _flex_compiled
+    else:
+        fn = flex_attention
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+        out = fn(*_bhld(q, k, v), block_mask=block_mask)
+    return out.transpose(1, 2)
+
+
+if importlib.util.find_spec("flash_attn") is not None:
+    @register_backend("flash", dense_mask=False)
+    def _flash(q, k, v, mask):
+        from flash_attn import flash_attn_func
+
+        return flash_attn_func(q, k, v)  # [B, L, H, D], fp16/bf16 on CUDA
+
+
+if importlib.util.find_spec("xformers") is not None:
+    @register_backend("xformers", dense_mask=True)
+    def _xformers(q, k, v, mask):
+        from xformers.ops import memory_efficient_attention
+
+        bias = None
+        if mask is not None:
+            B, Lq, H, _ = q.shape
+            Lk = k.shape[1]
+            # the bias' last dim must be 8-aligned in memory: allocate padded, pass a slice
+            bias = q.new_zeros(B, H, Lq, Lk + (-Lk) % 8)[..., :Lk]
+            bias.masked_fill_(~mask.expand(B, H, Lq, Lk), float("-inf"))
+        return memory_efficient_attention(q, k, v, attn_bias=bias)
+
+
 def force_backend(name: str | None):
     """Force one backend for every attention call (tests); None restores automatic choice."""
     global _forced
@@ -61,9 +152,51 @@ def force_backend(name: str | None):
     _forced = name
 
 
+def forced_backend() -> str | None:
+    return _forced
+
+
+def available_backends() -> list[str]:
+    return list(_BACKENDS)
+
+
+def kernel_impl() -> str | None:
+    """Implementation for the other kernels (the linear memory): 'triton' while the triton backend is forced,
+    'torch' while another is, None (automatic: Triton on CUDA when installed) otherwise."""
+    return None if _forced is None else ("triton" if _forced == "triton" else "torch")
+
+
+def _auto(q, mask) -> str:
+    if isinstance(mask, BlockTable):
+        from kernels._common import triton_available
+
+        return "triton" if q.is_cuda and triton_available() else "gather"
+    return "sdpa"
+
+
 def attention(q, k, v, mask=None):
-    """softmax attention, [B, Lq, H, D] x [B, Lk, H, D] -> [B, Lq, H, D]."""
-    return _BACKENDS[_forced or "sdpa"](q, k, v, mask)
+    """softmax attention, [B, Lq, H, D] x [B, Lk, H, D] -> [B, Lq, H, D].
+
+    mask: None, a bool tensor broadcastable to [B, H, Lq, Lk] (True = attend), or a BlockTable.
+    """
+    name = _forced or _auto(q, mask)
+    dense_ok, table_ok = _TAKES[name]
+    empty_rows = None
+    if isinstance(mask, BlockTable):
+        if not table_ok:
+            if not dense_ok:
+                raise ValueError(f"attention backend {name!r} takes no mask")
+            mask = mask.expand(q.shape[0], q.shape[2]).dense_mask()
+            empty_rows = ~mask.any(-1)  # [B, H, Lq]: a row with no key gives 0, as the block-sparse paths do
+    elif mask is None:
+        if table_ok and not dense_ok:
+            mask = BlockTable.full(q.shape[1], k.shape[1], 64, 64, q.device)
+    elif not dense_ok:
+        raise ValueError(f"attention backend {name!r} takes no dense mask")
+    out = _BACKENDS[name](q, k, v, mask)
+    if empty_rows is not None:
+        out = out.masked_fill(empty_rows.transpose(1, 2)[..., None], 0.0)
+    return out
 
 
 # ---- 3D rotary position embedding ----------------------------------------------------------------

@@ -19,15 +19,30 @@ Per layer, keys and values live in one buffer of (S + W + C) frames, n tokens ea
 
 Memory and per-chunk work are constant: the buffers are the only state, and the live region is at most
 S + W + C frames. Bookkeeping is plain Python ints (no host syncs).
+
+Hybrid Forcing's paths (CacheConfig; both off by default, which is exactly the dense path above):
+- `sparse_topk`: each query block (`sparse_block` tokens) attends only to the top fraction of key blocks by
+  pooled q.k score; the blocks holding the sink and the current chunk are always kept
+  (kernels/block_sparse.py; Triton on CUDA, a torch gather path on the CPU).
+- `linear_memory`: every chunk that leaves the live context (evicted from the window and not taken into the
+  sink) is folded into a per-layer, per-head state (sum phi(k) v^T, sum phi(k)) of un-roped keys;
+  `memory_readout` gives each query its read-out, which the model adds to the softmax output through its
+  zero-initialised projection (kernels/linear_memory.py, CausalWanModel.enable_linear_memory).
+`switch_attention` turns both on for a model and a cache config (the trainer's dense -> sparse/linear switch).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Callable
 
 import torch
 
-from .attention import apply_rope, attention, rope_range
+from kernels.block_sparse import key_blocks_covering, select_blocks
+from kernels.linear_memory import fold, readout
+
+from .attention import apply_rope, attention, kernel_impl, rope_range
 from .config import CacheConfig
 
 # hook(k_evicted, v_evicted), each [num_layers, B, frames_per_chunk * n, H, D], called on every eviction
@@ -46,6 +61,9 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.evict_hooks: list[EvictHook] = []
+        if cfg.linear_memory:  # fp32 state [num_layers, B, H, D, D] and normaliser [num_layers, B, H, D]
+            self.mem_M = torch.zeros(num_layers, batch, heads, head_dim, head_dim, device=device)
+            self.mem_z = torch.zeros(num_layers, batch, heads, head_dim, device=device)
         self.reset()
 
     # ---- state ----------------------------------------------------------------------------------
@@ -53,6 +71,9 @@ class KVCache:
     def reset(self):
         """Forget everything (a new stream). Buffers are kept; nothing is reallocated."""
         self.sink_frames = 0  # live sink frames (0 or S)
+        self.memory_chunks = 0  # chunks folded into the linear memory (kept by reset_window)
+        if self.cfg.linear_memory:
+            self.mem_M, self.mem_z = torch.zeros_like(self.mem_M), torch.zeros_like(self.mem_z)
         self.reset_window()
 
     def reset_window(self):
@@ -66,7 +87,8 @@ class KVCache:
         return self.sink_frames + self.window_frames + self.C
 
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        mem = self.mem_M.nbytes + self.mem_z.nbytes if self.cfg.linear_memory else 0
+        return self.k.nbytes + self.v.nbytes + mem
 
     def _frames(self, a: int, b: int) -> slice:
         return slice(a * self.n, b * self.n)
@@ -96,7 +118,31 @@ class KVCache:
         keys, values = self.context(layer)
         cos, sin = rope_range(self.head_dim, self.live_frames, *self.hw, str(q.device))
         nq = q.shape[1]
-        return attention(apply_rope(q, cos[-nq:], sin[-nq:]), apply_rope(keys, cos, sin), values)
+        q, keys = apply_rope(q, cos[-nq:], sin[-nq:]), apply_rope(keys, cos, sin)
+        if self.cfg.sparse_topk is None:
+            return attention(q, keys, values)
+        return attention(q, keys, values, self.block_table(q, keys))
+
+    def block_table(self, q, keys):
+        """Block-sparse table for roped q [B, Lq, H, D] against the live keys [B, Lk, H, D]."""
+        bs, nq, nk = self.cfg.sparse_block, q.shape[1], keys.shape[1]
+        keep = _kept_blocks(self.sink_frames * self.n, nq, nk, bs)  # sink + current chunk, on the CPU
+        return select_blocks(q.transpose(1, 2), keys.transpose(1, 2), bs, bs, float(self.cfg.sparse_topk), keep)
+
+    def memory_readout(self, layer: int, q):
+        """Linear-memory read-out for the current chunk's un-roped q [B, Lq, H, D] -> [B, Lq, H, D] (q's dtype),
+        or None when the memory is off or still empty."""
+        if not self.cfg.linear_memory or self.memory_chunks == 0:
+            return None
+        return readout(q.transpose(1, 2), self.mem_M[layer], self.mem_z[layer], impl=kernel_impl()).transpose(1, 2)
+
+    def memory_state(self):
+        """(M, z, chunks) of the linear memory (None when off), e.g. to carry it across a reset()."""
+        return (self.mem_M, self.mem_z, self.memory_chunks) if self.cfg.linear_memory else None
+
+    def set_memory_state(self, state):
+        if state is not None:
+            self.mem_M, self.mem_z, self.memory_chunks = state
 
     # ---- the chunk boundary ---------------------------------------------------------------------
 
@@ -122,6 +168,8 @@ class KVCache:
         for hook in self.evict_hooks:
             hook(k, v)
         policy = self.cfg.sink
+        if self.cfg.linear_memory and not (policy != "none" and self.sink_frames < self.S):
+            self._fold(k, v)  # leaves the live context (chunks that fill the sink stay visible: not folded)
         if policy == "none":
             return
         if self.sink_frames < self.S:  # the first evicted frames fill the sink (static and ema alike)
@@ -132,7 +180,36 @@ class KVCache:
             self.ema_update(self.k[:, :, : self.S * self.n], k, self.cfg.ema_alpha)
             self.ema_update(self.v[:, :, : self.S * self.n], v, self.cfg.ema_alpha)
 
+    def _fold(self, k, v):
+        # k, v [num_layers, B, T, H, D] -> all layers at once as a batch of num_layers * B
+        L, B = k.shape[:2]
+        M, z = fold(self.mem_M.flatten(0, 1), self.mem_z.flatten(0, 1), k.flatten(0, 1).transpose(1, 2),
+                    v.flatten(0, 1).transpose(1, 2), impl=kernel_impl())
+        self.mem_M, self.mem_z = M.unflatten(0, (L, B)), z.unflatten(0, (L, B))  # a new state: autograd-safe
+        self.memory_chunks += 1
+
     @staticmethod
     def ema_update(sink: torch.Tensor, evicted: torch.Tensor, alpha: float):
         """In place: sink <- alpha * sink + (1 - alpha) * evicted."""
         sink.mul_(alpha).add_(evicted, alpha=1.0 - alpha)
+
+
+@functools.lru_cache(maxsize=256)
+def _kept_blocks(sink_tokens: int, nq: int, nk: int, block: int) -> torch.Tensor:
+    """bool [NKB] (CPU): key blocks overlapping the sink [0, sink_tokens) or the current chunk [nk - nq, nk)."""
+    return key_blocks_covering([(0, sink_tokens), (nk - nq, nk)], block, nk)
+
+
+def switch_attention(model, cache_cfg: CacheConfig, *, sparse_topk: float | None = 0.2,
+                     linear_memory: bool = True, sparse_block: int | None = None):
+    """Hybrid Forcing's decoupled schedule: after the dense phase, switch a model and its cache config to
+    block-sparse window attention and/or the linear memory (or back: sparse_topk=None, linear_memory=False).
+
+    Adds the model's zero-initialised memory projections when `linear_memory` (so the model's outputs do not
+    change at the switch) and returns (the new CacheConfig, the newly created parameters): add those to the
+    optimizer. Caches built from the new config (KVCache(new_cfg, ...)) use the new paths.
+    """
+    new_params = model.enable_linear_memory() if linear_memory else []
+    cfg = dataclasses.replace(cache_cfg, sparse_topk=sparse_topk, linear_memory=linear_memory,
+                              sparse_block=sparse_block or cache_cfg.sparse_block)
+    return cfg, new_params

@@ -2,7 +2,8 @@
 
 ModelConfig  - the transformer; field names are diffusers' `WanTransformer3DModel` kwargs, so a
                teacher is `WanTransformer3DModel(**cfg.diffusers_kwargs())` and weights load both ways.
-CacheConfig  - the streaming layout: chunk size, rolling window, sink policy (all in latent frames).
+CacheConfig  - the streaming layout: chunk size, rolling window, sink policy (all in latent frames);
+               optional block-sparse attention and linear memory (Hybrid Forcing), off by default.
 SamplerConfig- the few-step flow-matching schedule.
 VAEConfig    - a diffusers `AutoencoderKLWan` configuration.
 Preset       - all of the above plus the video geometry (pixels, fps) a model was built for.
@@ -57,8 +58,16 @@ class CacheConfig:
     sink: str = "ema"  # none | static | ema
     sink_frames: int = 3  # latent frames kept at the front of the context
     ema_alpha: float = 0.999  # ema sink: sink <- alpha * sink + (1 - alpha) * evicted
+    # Hybrid Forcing's attention paths (off by default: the defaults are plain dense attention).
+    sparse_topk: float | None = None  # block-sparse attention: fraction of key blocks each query block sees
+    sparse_block: int = 64  # tokens per query / key block of the sparse path (Triton: a power of two >= 16)
+    linear_memory: bool = False  # fold evicted chunks into a linear-attention state that every query reads
 
     def __post_init__(self):
+        if self.sparse_topk is not None and not 0.0 < self.sparse_topk <= 1.0:
+            raise ValueError(f"sparse_topk={self.sparse_topk}: expected None (dense) or a fraction in (0, 1]")
+        if self.sparse_block < 1:
+            raise ValueError("sparse_block must be >= 1")
         if self.sink not in SINK_POLICIES:
             raise ValueError(f"sink={self.sink!r}: expected one of {', '.join(SINK_POLICIES)}")
         if self.frames_per_chunk < 1:
@@ -167,14 +176,14 @@ PRESETS: dict[str, Preset] = {
         height=32, width=32,
     ),
     # The built-in Shapes model: 64x64 px, 16 fps, sized to stream faster than real time on a 2-core CPU.
-    # The decoder is thin (decoder_base_dim 4) because on the CPU the VAE decode, not the transformer, dominates.
+    # The decoder is thin (decoder_base_dim 8) because on the CPU the VAE decode, not the transformer, dominates.
     "shapes": Preset(
         name="shapes",
         model=ModelConfig(num_attention_heads=4, attention_head_dim=64, in_channels=8, out_channels=8,
                           text_dim=128, freq_dim=128, ffn_dim=1024, num_layers=8),
         cache=CacheConfig(frames_per_chunk=3, window_frames=6, sink="ema", sink_frames=3, ema_alpha=0.99),
         sampler=SamplerConfig(),
-        vae=VAEConfig(base_dim=16, decoder_base_dim=4, z_dim=8, dim_mult=(1, 2, 2, 2), num_res_blocks=1),
+        vae=VAEConfig(base_dim=16, decoder_base_dim=8, z_dim=8, dim_mult=(1, 2, 2, 2), num_res_blocks=1),
         height=64, width=64,
     ),
     # Wan2.1-T2V-1.3B widths (anchors §6), 832x480, LongLive/Reward-Forcing style cache.

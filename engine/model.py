@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels.linear_memory import MemoryProjection
+
 from .attention import AttnContext, FullContext, attention
 from .config import ModelConfig
 
@@ -81,6 +83,9 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(0.0)])
         self.norm_q = nn.RMSNorm(dim, eps=eps)
         self.norm_k = nn.RMSNorm(dim, eps=eps)
+        # Linear-memory projection (CausalWanModel.enable_linear_memory); absent by default, so plain
+        # checkpoints load strictly and the forward is unchanged.
+        self.mem_proj: MemoryProjection | None = None
 
     def q(self, x):
         # x [B, L, dim] -> q [B, L, H, D] (un-roped)
@@ -138,7 +143,12 @@ class Block(nn.Module):
         # 1. Self-attention (the context decides what is visible and where it sits)
         h = (self.norm1(x.float()) * (1 + scale) + shift).type_as(x)
         q, k, v = self.attn1.qkv(h)
-        a = self.attn1.out(ctx.attend(layer, q, k, v).type_as(h))
+        o = ctx.attend(layer, q, k, v)
+        if self.attn1.mem_proj is not None and hasattr(ctx, "memory_readout"):
+            r = ctx.memory_readout(layer, q)  # linear memory of evicted tokens, or None while it is empty
+            if r is not None:
+                o = o + self.attn1.mem_proj(r.type_as(o))
+        a = self.attn1.out(o.type_as(h))
         x = (x.float() + a * gate).type_as(x)
 
         # 2. Cross-attention to the prompt (K/V cached per prompt)
@@ -169,6 +179,22 @@ class CausalWanModel(nn.Module):
     @property
     def dtype(self):
         return self.proj_out.weight.dtype
+
+    @property
+    def has_linear_memory(self) -> bool:
+        return self.blocks[0].attn1.mem_proj is not None
+
+    def enable_linear_memory(self) -> list[nn.Parameter]:
+        """Give every self-attention its zero-initialised memory projection (Hybrid Forcing's linear branch);
+        returns the parameters created (none if already enabled). Outputs are unchanged until they train.
+        A checkpoint saved after this has `blocks.{i}.attn1.mem_proj.*` keys: enable before loading it."""
+        new = []
+        for blk in self.blocks:
+            if blk.attn1.mem_proj is None:
+                blk.attn1.mem_proj = MemoryProjection(self.cfg.attention_head_dim, device=self.proj_out.weight.device,
+                                                      dtype=self.dtype)
+                new += list(blk.attn1.mem_proj.parameters())
+        return new
 
     def text_kv(self, text: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Prompt embeddings [B, Lt, text_dim] -> per layer cross-attention (k, v), each [B, Lt, H, D]."""
