@@ -72,7 +72,9 @@ class Stream:
             self.cache.reset_window()
         else:
             replay = self.sink_latents + list(self.window_latents)
+            memory = self.cache.memory_state()  # the linear memory holds what left the context: keep it
             self.cache.reset()
+            self.cache.set_memory_state(memory)
         self.sink_latents, self.window_latents = [], deque()
         chunks = self.chunks
         for clean in replay:

@@ -111,3 +111,33 @@ def test_teacher_sampler_matches_diffusers_euler():
             vu = teacher.transformer(x, tt, encoder_hidden_states=uncond, return_dict=False)[0]
             x = sch.step(vu + 3.0 * (vc - vu), t, x, return_dict=False)[0]
     torch.testing.assert_close(ours, x, atol=1e-4, rtol=1e-4)
+
+
+def test_training_pipeline_end_to_end_on_tiny(tmp_path):
+    """VAE -> latents -> teacher -> ODE pairs -> student -> a model folder the engine generates from."""
+    import numpy as np
+
+    from distill import ode_init, train_teacher, train_vae
+    from engine.folder import load_model_folder
+    from engine.pipeline import VideoGenerator
+
+    common = ["--preset", "tiny", "--quiet", "--batch-size", "2", "--ckpt-every", "2"]
+    assert train_vae.main(common + ["--out", str(tmp_path / "vae"), "--steps", "2"]) == 0
+    assert train_vae.main(common + ["--out", str(tmp_path / "vae"), "--export", str(tmp_path / "vae_out"),
+                                    "--eval", "0"]) == 0
+    lat = tmp_path / "lat.safetensors"
+    args = common + ["--vae", str(tmp_path / "vae_out"), "--latents", str(lat), "--clips", "4", "--frames", "9"]
+    assert train_teacher.main(args + ["--out", str(tmp_path / "teacher"), "--steps", "2"]) == 0
+    assert lat.exists()
+    assert ode_init.main(common + ["--teacher", str(tmp_path / "teacher"), "--vae", str(tmp_path / "vae_out"),
+                                   "--pairs", str(tmp_path / "pairs.safetensors"), "--num-pairs", "3",
+                                   "--latent-frames", "4", "--substeps", "1", "--out", str(tmp_path / "ode"),
+                                   "--steps", "2"]) == 0
+    out = tmp_path / "student"
+    assert ode_init.main(common + ["--teacher", str(tmp_path / "teacher"), "--vae", str(tmp_path / "vae_out"),
+                                   "--out", str(tmp_path / "ode"), "--export", str(out)]) == 0
+    m = load_model_folder(out)
+    assert not m.info["placeholder"]
+    frames = np.concatenate([c.frames for c in VideoGenerator(m).run([(0, "a red circle bouncing on a black "
+                                                                            "background")], 9, seed=0)])
+    assert frames.shape == (9, 32, 32, 3)
