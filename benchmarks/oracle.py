@@ -25,7 +25,6 @@ mean; a single failed check costs 1/8 for a one-object prompt.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -37,6 +36,7 @@ import numpy as np
 
 from distill.shapes import (BACKGROUNDS, DIRECTIONS, FILL_RATIO, OBJECT_COLOURS, SHAPES, SIZES, SPEEDS,
                             PromptError, PromptSpec, parse_prompt)
+from engine.cli import OneLineParser
 
 BG_NAMES, BG_RGB = list(BACKGROUNDS), np.array(list(BACKGROUNDS.values()), np.float32)
 OBJ_NAMES, OBJ_RGB = list(OBJECT_COLOURS), np.array(list(OBJECT_COLOURS.values()), np.float32)
@@ -563,13 +563,9 @@ def read_frames(path: str | Path) -> np.ndarray:
     return np.stack(frames)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit 2 (argparse would print the usage too)
-        self.exit(2, f"oracle: error: {message}\n")
-
 
 def main(argv: list[str] | None = None) -> int:
-    ap = _Parser(prog="python -m benchmarks.oracle", description="Score a Shapes-world video against a prompt.")
+    ap = OneLineParser(prog="python -m benchmarks.oracle", description="Score a Shapes-world video against a prompt.")
     ap.add_argument("video", help="a video file (.mp4, ...), a .gif or a folder of .png frames")
     ap.add_argument("--prompt", required=True, help="the in-grammar prompt the video should follow")
     ap.add_argument("--window", type=int, help="also score windows of N >= 2 frames")

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from diffusers import AutoencoderKLWan
 
 from engine.config import get_preset
@@ -136,6 +135,7 @@ def main(argv=None) -> int:
     p.add_argument("--lengths", type=int, nargs="*", default=[9, 17, 33],
                    help="clip lengths drawn per batch (1 + 4k each); --frames sets the frames a batch holds per clip")
     p.add_argument("--kl-weight", type=float, default=1e-4)
+    p.add_argument("--object-weight", type=float, default=10.0, help="extra loss weight on object pixels")
     p.add_argument("--posterior-noise", type=float, default=0.0, help="scale of the posterior sample's noise")
     p.add_argument("--init", metavar="DIR", help="start from this VAE folder's weights (e.g. assets/shapes/vae)")
     p.add_argument("--export", metavar="DIR", help="write the trained VAE (diffusers folder with latent stats)")
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     if args.init:  # latent stats live in the config, not the weights: the export measures them afresh
         vae.load_state_dict(VideoVAE.from_folder(args.init).vae.state_dict(), strict=True)
     model = VAEWithLoss(vae, args.posterior_noise).to(device)
-    trainer = Trainer(model, VAETask(clips, args.kl_weight, device, lengths=tuple(args.lengths)),
+    trainer = Trainer(model, VAETask(clips, args.kl_weight, device, args.object_weight, tuple(args.lengths)),
                       config_from_args(args), args.out,
                       device=device, resume=not args.no_resume, quiet=args.quiet)
     trainer.run()

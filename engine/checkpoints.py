@@ -73,7 +73,7 @@ from typing import Callable
 import torch
 
 from .config import CacheConfig, ModelConfig, Preset, SamplerConfig, VAEConfig, get_preset, to_dict
-from .folder import FORMAT, WEIGHTS, LoadedModel, ModelLoadError, transformer_config
+from .folder import FORMAT, WEIGHTS, LoadedModel, ModelLoadError, _json, transformer_config
 
 LAYOUTS = ("diffusers", "wan", "self-forcing", "causvid", "reward-forcing", "longlive")
 CAUSAL = ("self-forcing", "causvid", "reward-forcing", "longlive")
@@ -1142,15 +1142,7 @@ def read_transformer(src: Source, weights: str = "auto", lora_alpha: float | Non
 
 
 def _json_file(path: Path) -> dict:
-    try:
-        d = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ModelLoadError(f"missing {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"unreadable {path}: {e}") from None
-    if not isinstance(d, dict):
-        raise ModelLoadError(f"{path}: expected a JSON object")
-    return d
+    return _json(Path(path))
 
 
 def _vae_state(src: Source) -> tuple[dict, dict, Path] | None:

@@ -20,6 +20,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from .cli import OneLineParser
 
 PROG = "engine.convert"
 LAYOUT_CHOICES = ("auto", "diffusers", "wan", "self-forcing", "causvid", "reward-forcing", "longlive")
@@ -27,14 +28,9 @@ DTYPES = ("keep", "float32", "bfloat16", "float16")
 _HUB_LIKE = re.compile(r"^(hf://)?[A-Za-z0-9][\w.-]*/[\w.-]+$|^hf://.+")  # engine/checkpoints.py HUB_REPO / HUB_URL
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, no usage block
-        sys.stderr.write(f"{PROG}: error: {message}\n")
-        sys.exit(2)
-
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=f"python -m {PROG}", description="Convert an existing checkpoint to an engine model folder.")
+    p = OneLineParser(prog=f"python -m {PROG}", description="Convert an existing checkpoint to an engine model folder.")
     p.add_argument("src", metavar="SRC",
                    help="folder, .pt/.safetensors file or hub id; 'SRC+BASE' / 'SRC+LORA' as with --model")
     p.add_argument("--out", required=True, help="the engine model folder to write")

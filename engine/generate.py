@@ -14,18 +14,14 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from .cli import OneLineParser
 
 PROG = "engine.generate"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, no usage block
-        sys.stderr.write(f"{PROG}: error: {message}\n")
-        sys.exit(2)
-
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=f"python -m {PROG}", description="Generate a video with the streaming engine.")
+    p = OneLineParser(prog=f"python -m {PROG}", description="Generate a video with the streaming engine.")
     p.add_argument("--prompt", action="append", required=True,
                    help="text prompt; repeat it with --switch-at to change the prompt mid-video")
     n = p.add_mutually_exclusive_group()

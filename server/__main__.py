@@ -15,18 +15,14 @@ import asyncio
 import logging
 import signal
 import sys
+from engine.cli import OneLineParser
 
 PROG = "server"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, no usage block
-        sys.stderr.write(f"{PROG}: error: {message}\n")
-        sys.exit(2)
-
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=f"python -m {PROG}", description="Serve the streaming engine over websockets, with a demo page.")
+    p = OneLineParser(prog=f"python -m {PROG}", description="Serve the streaming engine over websockets, with a demo page.")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 = any free port)")
     p.add_argument("--model", help="model folder, or a name in assets/ (default: the shipped model)")

@@ -7,7 +7,7 @@ import pytest
 
 from distill.data import ShapesClips, to_tensor, to_uint8
 from distill.shapes import (BACKGROUNDS, OBJECT_COLOURS, PromptError, Scene, parse_prompt, render_prompt,
-                            sample_prompt, sample_spec)
+                            sample_spec)
 
 
 @pytest.mark.parametrize("prompt", [
