@@ -22,9 +22,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# Rebuild the shipped default model folder (a random placeholder until trained weights land).
+# Rebuild the shipped default model folder: the architecture with random transformer and text-encoder weights
+# (placeholders until the teacher and the ODE student land), and the Shapes VAE trained from scratch (about an
+# hour on a 2-core CPU; resumes if interrupted). See README "Training the built-in model".
 assets: $(STAMP)
 	$(BIN)/python -m engine.init_model --preset shapes --out assets/shapes --seed 0
+	$(BIN)/python -m distill.train_vae --out runs/vae
+	$(BIN)/python -m distill.train_vae --out runs/vae --export assets/shapes/vae --eval 32
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
