@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
@@ -28,6 +27,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from engine.attention import FullContext
+from engine.cli import OneLineParser, one_line_errors
 from engine.config import SamplerConfig, get_preset
 from engine.folder import load_model_folder, save_model_folder
 from engine.model import CausalWanModel
@@ -200,8 +200,8 @@ def export(run: Path, teacher_run: Path, vae: Path, out: Path, preset_name: str,
                                                      f"({run}), {len(sampler.timesteps)} steps")
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m distill.ode_init", description=__doc__.split("\n")[0])
+def _main(argv=None) -> int:
+    p = OneLineParser(prog="python -m distill.ode_init", description=__doc__.split("\n")[0])
     add_train_args(p, steps=1500, batch_size=16, lr=1e-4, warmup=50, ckpt_every=100, ema=0.99, out="runs/ode")
     p.add_argument("--preset", default="shapes")
     p.add_argument("--teacher", default="runs/teacher", help="teacher run folder (distill.train_teacher)")
@@ -245,6 +245,8 @@ def main(argv=None) -> int:
             args.out, device=device, resume=not args.no_resume, quiet=args.quiet).run()
     return 0
 
+
+main = one_line_errors(_main, "distill.ode_init")
 
 if __name__ == "__main__":
     sys.exit(main())

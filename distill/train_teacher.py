@@ -11,7 +11,6 @@ drawn uniformly and shifted by `--shift` (more weight on high noise, where layou
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from engine.cli import OneLineParser, one_line_errors
 from engine.config import get_preset
 from engine.text import ShapesTextEncoder
 from engine.vae import VideoVAE
@@ -90,8 +90,8 @@ def evaluate(teacher: Teacher, vae: VideoVAE, preset, n: int, frames: int, steps
             "shift": shift}
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m distill.train_teacher", description=__doc__.split("\n")[0])
+def _main(argv=None) -> int:
+    p = OneLineParser(prog="python -m distill.train_teacher", description=__doc__.split("\n")[0])
     add_train_args(p, steps=3000, batch_size=16, lr=3e-4, warmup=100, ckpt_every=100, ema=0.999,
                    out="runs/teacher")
     p.add_argument("--preset", default="shapes")
@@ -134,6 +134,8 @@ def main(argv=None) -> int:
             quiet=args.quiet).run()
     return 0
 
+
+main = one_line_errors(_main, "distill.train_teacher")
 
 if __name__ == "__main__":
     sys.exit(main())

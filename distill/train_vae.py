@@ -12,7 +12,6 @@ Runs under torchrun like every trainer here (see distill/trainer.py).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -23,6 +22,7 @@ import torch
 import torch.nn as nn
 from diffusers import AutoencoderKLWan
 
+from engine.cli import OneLineParser, one_line_errors
 from engine.config import get_preset
 from engine.vae import VideoVAE
 
@@ -127,8 +127,8 @@ def evaluate(vae: VideoVAE, clips: ShapesClips, count: int = 32) -> dict:
             "oracle_original": adherence(orig), "oracle_reconstruction": adherence(recs)}
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m distill.train_vae", description=__doc__.split("\n")[0])
+def _main(argv=None) -> int:
+    p = OneLineParser(prog="python -m distill.train_vae", description=__doc__.split("\n")[0])
     add_train_args(p, steps=1500, batch_size=8, lr=2e-4, warmup=50, ckpt_every=50, ema=0.995, out="runs/vae")
     p.add_argument("--preset", default="shapes")
     p.add_argument("--frames", type=int, default=9, help="frames per training clip (1 + 4k)")
@@ -162,6 +162,8 @@ def main(argv=None) -> int:
     trainer.run()
     return 0
 
+
+main = one_line_errors(_main, "distill.train_vae")
 
 if __name__ == "__main__":
     sys.exit(main())

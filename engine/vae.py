@@ -39,6 +39,10 @@ class VideoVAE:
 
     @classmethod
     def from_folder(cls, path, device="cpu", dtype=torch.float32) -> "VideoVAE":
+        from pathlib import Path
+
+        if not (Path(path) / "config.json").is_file():  # else diffusers would take it for a hub id
+            raise FileNotFoundError(f"{path}: not a VAE folder (no config.json)")
         return cls(AutoencoderKLWan.from_pretrained(str(path), torch_dtype=dtype, use_safetensors=True).to(device))
 
     def save(self, path):

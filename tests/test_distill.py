@@ -141,3 +141,21 @@ def test_training_pipeline_end_to_end_on_tiny(tmp_path):
     frames = np.concatenate([c.frames for c in VideoGenerator(m).run([(0, "a red circle bouncing on a black "
                                                                             "background")], 9, seed=0)])
     assert frames.shape == (9, 32, 32, 3)
+
+
+def test_training_clis_bad_input_one_line_exit_2(tmp_path, capsys):
+    from distill import ode_init, train_teacher, train_vae
+
+    cases = [
+        (train_vae.main, ["--frames", "6"], "1 + 4k"),
+        (train_teacher.main, ["--vae", str(tmp_path / "nope"), "--latents", str(tmp_path / "l.safetensors"),
+                              "--out", str(tmp_path / "t")], "not a VAE folder"),
+        (ode_init.main, ["--teacher", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], "no checkpoint"),
+    ]
+    for main, argv, needle in cases:
+        try:
+            rc = main(argv)
+        except SystemExit as e:  # argparse errors
+            rc = e.code
+        err = capsys.readouterr().err
+        assert rc == 2 and needle in err and err.count("\n") == 1 and "Traceback" not in err, err
