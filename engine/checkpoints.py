@@ -73,7 +73,7 @@ from typing import Callable
 import torch
 
 from .config import CacheConfig, ModelConfig, Preset, SamplerConfig, VAEConfig, get_preset, to_dict
-from .folder import FORMAT, WEIGHTS, LoadedModel, ModelLoadError, _json, transformer_config
+from .folder import FORMAT, WEIGHTS, LoadedModel, ModelLoadError, _json, check_keys, transformer_config
 
 LAYOUTS = ("diffusers", "wan", "self-forcing", "causvid", "reward-forcing", "longlive")
 CAUSAL = ("self-forcing", "causvid", "reward-forcing", "longlive")
@@ -746,12 +746,7 @@ def build_vae(state: dict, cfg: dict, file: Path, device="cpu", dtype=torch.floa
     except (TypeError, ValueError, IndexError) as e:
         raise ModelLoadError(f"{file}: unusable VAE shapes ({_first_line(e)})") from None
     want = vae.state_dict()
-    for k, v in want.items():
-        if k not in state:
-            raise ModelLoadError(f"{file}: missing key for {k}")
-        if tuple(state[k].shape) != tuple(v.shape):
-            raise ModelLoadError(f"{file}: the tensor for {k} has shape {tuple(state[k].shape)}, "
-                                 f"expected {tuple(v.shape)}")
+    check_keys(file, want, state)
     vae = vae.to_empty(device="cpu")
     with torch.no_grad():
         vae.load_state_dict(state, strict=True)
@@ -815,12 +810,7 @@ def build_umt5(state: dict, cfg, file: Path, dtype: torch.dtype | None = torch.f
     with torch.device("meta"):
         model = UMT5EncoderModel(cfg)
     want = model.state_dict()
-    for k, v in want.items():
-        if k not in state:
-            raise ModelLoadError(f"{file}: missing tensor for {k}")
-        if tuple(state[k].shape) != tuple(v.shape):
-            raise ModelLoadError(f"{file}: the tensor for {k} has shape {tuple(state[k].shape)}, "
-                                 f"expected {tuple(v.shape)}")
+    check_keys(file, want, state)
     model.load_state_dict({k: state[k] for k in want}, strict=True, assign=True)
     model.tie_weights()
     if dtype is not None:

@@ -102,6 +102,15 @@ def transformer_config(d: dict, where: Path) -> ModelConfig:
         raise ModelLoadError(f"{where}: {e}") from None
 
 
+def check_keys(file, want: dict, state: dict):
+    """A one-line ModelLoadError naming `file` and the first key of `want` that `state` lacks or mis-shapes."""
+    for k, v in want.items():
+        if k not in state:
+            raise ModelLoadError(f"{file}: missing key {k}")
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise ModelLoadError(f"{file}: key {k} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}")
+
+
 def load_state(model: torch.nn.Module, file: Path):
     """Strict load with a one-line error naming the file and the first bad key."""
     try:
@@ -111,11 +120,7 @@ def load_state(model: torch.nn.Module, file: Path):
     except (SafetensorError, OSError, ValueError) as e:
         raise ModelLoadError(f"corrupt or truncated weights {file}: {e}") from None
     want = model.state_dict()
-    for k, v in want.items():
-        if k not in sd:
-            raise ModelLoadError(f"{file}: missing key {k}")
-        if sd[k].shape != v.shape:
-            raise ModelLoadError(f"{file}: key {k} has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)}")
+    check_keys(file, want, sd)
     for k in sd:
         if k not in want:
             raise ModelLoadError(f"{file}: unexpected key {k}")
