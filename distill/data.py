@@ -81,7 +81,8 @@ class LatentSet:
 
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no latent cache (make it with python -m distill.encode_latents)")
+            raise FileNotFoundError(f"{path}: no latent cache "
+                                    "(python -m distill.train_teacher --vae DIR --latents PATH makes it)")
         with safe_open(str(path), "pt") as f:
             meta = f.metadata()
         self.latents = load_file(str(path))["latents"].float()

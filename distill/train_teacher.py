@@ -3,6 +3,7 @@
     python -m distill.train_teacher --vae assets/shapes/vae --out runs/teacher --steps 3000
     python -m distill.train_teacher --out runs/teacher --export runs/teacher/export   # transformer + text_encoder
     python -m distill.train_teacher --out runs/teacher --eval 50                    # oracle adherence
+    python -m distill.train_teacher --out assets/shapes-teacher --eval 50           # same, exported folder
 
 Data: `--clips` rendered clips encoded once by the VAE into `--latents` (made on first use). Each sample's
 prompt is dropped to the empty prompt with probability `--p-uncond` (classifier-free guidance); sigma is
@@ -56,9 +57,27 @@ def build(preset_name: str, seed: int = 0) -> Teacher:
 
 
 def load_teacher(run: Path, preset_name: str, which: str = "ema") -> Teacher:
-    t = build(preset_name)
-    t.load_state_dict(load_weights(run, which), strict=True)
+    """A teacher from a run folder (its `which` weights) or from an exported folder (transformer/ +
+    text_encoder/, what --export writes), in float32."""
+    run = Path(run)
+    if (run / "transformer" / "config.json").is_file():
+        from diffusers import WanTransformer3DModel
+
+        tr = WanTransformer3DModel.from_pretrained(str(run / "transformer")).float()
+        t = Teacher(tr, ShapesTextEncoder.from_folder(run / "text_encoder").float())
+    else:
+        t = build(preset_name)
+        t.load_state_dict(load_weights(run, which), strict=True)
     return t.eval().requires_grad_(False)
+
+
+def export_teacher(teacher: Teacher, out: Path) -> None:
+    """transformer/ (diffusers, fp16 safetensors: half the size, and the sampler runs in float32 anyway) and
+    text_encoder/."""
+    import copy
+
+    copy.deepcopy(teacher.transformer).half().save_pretrained(str(out / "transformer"), safe_serialization=True)
+    teacher.text.save(out / "text_encoder")
 
 
 @torch.no_grad()
@@ -111,8 +130,7 @@ def _main(argv=None) -> int:
     if args.export or args.eval:
         teacher = load_teacher(out, args.preset)
         if args.export:
-            teacher.transformer.save_pretrained(str(Path(args.export) / "transformer"), safe_serialization=True)
-            teacher.text.save(Path(args.export) / "text_encoder")
+            export_teacher(teacher, Path(args.export))
             print(args.export)
         if args.eval:
             print(json.dumps(evaluate(teacher, VideoVAE.from_folder(args.vae), preset, args.eval, args.frames,

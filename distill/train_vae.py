@@ -2,12 +2,19 @@
 
     python -m distill.train_vae --out runs/vae                          # train (resumes if runs/vae exists)
     python -m distill.train_vae --out runs/vae --export assets/shapes/vae   # latent stats + diffusers folder
+    python -m distill.train_vae --out runs/vae-dec --init assets/shapes/vae --freeze-encoder   # decoder only
 
-Loss: L1 + MSE on pixels of the reconstruction of the posterior mean, plus a small KL that keeps the latent's
-scale in check. Learning rates of 5e-4 and up collapse this small VAE into a decoder that ignores its latent
-and outputs the mean colour; 2e-4 with 8 clips a batch escapes that within ~200 steps. The export measures per-channel latent mean/std and writes them into the config
-(`latents_mean` / `latents_std`, Wan's convention), so the transformer sees unit-scale latents.
-Runs under torchrun like every trainer here (see distill/trainer.py).
+Loss: L1 + MSE on pixels of the reconstruction of the posterior mean, weighted towards the objects, plus a
+small KL that keeps the latent's scale in check. What it took to train (the recipe in the Makefile's `assets`):
+- From scratch, learning rates of 5e-4 and up collapse this small VAE into a decoder that ignores its latent
+  and outputs the mean colour; 2e-4 escapes that within ~200 steps, and a trained VAE then takes 5e-4 to 8e-4.
+- Clip lengths mixed per batch (9/17/33): trained on one short length, the causal conv caches drift beyond it.
+- Scene cuts (`--p-cut`): without them the decoder redraws frame 0 from its caches and ignores every later
+  latent, so objects freeze where they started (replacing latents 1.. by latent 0 changed the output by 0.005).
+The export measures per-channel latent mean/std and writes them into the config (`latents_mean` /
+`latents_std`, Wan's convention), so the transformer sees unit-scale latents. `--freeze-encoder` fine-tunes
+the decoder alone, so latents already encoded for a teacher stay valid. Runs under torchrun like every trainer
+here (see distill/trainer.py).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from engine.cli import OneLineParser, one_line_errors
 from engine.config import get_preset
 from engine.vae import VideoVAE
 
-from .data import ShapesClips
+from .data import ShapesClips, to_tensor
 from .trainer import Trainer, add_train_args, config_from_args, load_weights, setup_distributed
 
 
@@ -57,23 +64,39 @@ class VAETask:
     content with a blurred background colour long before the shapes are sharp."""
 
     def __init__(self, clips: ShapesClips, kl_weight: float, device, object_weight: float = 10.0,
-                 lengths: tuple[int, ...] = ()):
+                 lengths: tuple[int, ...] = (), p_cut: float = 0.0):
         self.clips, self.kl_weight, self.device, self.object_weight = clips, kl_weight, device, object_weight
-        self.lengths = lengths
+        self.lengths, self.p_cut = lengths, p_cut
 
     def batch(self, ids):
         """Clips of `clips.num_frames` frames; with `lengths`, each batch draws one of those lengths (from its
         first id, so it stays a pure function of the ids) and keeps the frame count per batch about constant:
         the causal conv caches must stay stable over more latent frames than one short clip has."""
         if not self.lengths:
-            return self.clips.videos(ids)[1]
+            return self.cut(self.clips.videos(ids)[1], ids)
         n = self.lengths[int(ids[0]) // len(ids) % len(self.lengths)]
         keep = max(1, len(ids) * self.clips.num_frames // n)
-        return dataclasses.replace(self.clips, num_frames=n).videos(ids[:keep])[1]
+        return self.cut(dataclasses.replace(self.clips, num_frames=n).videos(ids[:keep])[1], ids)
+
+    def cut(self, video: torch.Tensor, ids) -> torch.Tensor:
+        """Scene cuts: with probability p_cut a clip continues, from a latent-group boundary (frame 1 + 4k) on,
+        with the next clip of the batch. Without them the decoder learns to redraw frame 0 from its causal
+        caches and ignores every later latent (objects freeze where they started); after a cut only the later
+        latents know the picture. Streams cut like this too, at prompt switches."""
+        B, _, T = video.shape[:3]
+        if not self.p_cut or B < 2 or T < 5:
+            return video
+        g = torch.Generator().manual_seed(int(ids[0]) * 7919 + 17)
+        out = video.clone()
+        for b in range(B):
+            if torch.rand((), generator=g) < self.p_cut:
+                c = 1 + 4 * int(torch.randint(0, (T - 1) // 4, (), generator=g))
+                out[b, :, c:] = video[(b + 1) % B, :, c:]
+        return out
 
     def weights(self, video: torch.Tensor) -> torch.Tensor:
-        """[B, 1, T, H, W]: 1 on the background (each clip's median colour), 1 + object_weight elsewhere."""
-        bg = video.flatten(2).median(dim=2).values[:, :, None, None, None]
+        """[B, 1, T, H, W]: 1 on the background (each frame's median colour), 1 + object_weight elsewhere."""
+        bg = video.flatten(3).median(dim=3).values[..., None, None]
         obj = (video - bg).abs().amax(dim=1, keepdim=True) > 0.1
         return 1.0 + self.object_weight * obj.float()
 
@@ -127,6 +150,33 @@ def evaluate(vae: VideoVAE, clips: ShapesClips, count: int = 32) -> dict:
             "oracle_original": adherence(orig), "oracle_reconstruction": adherence(recs)}
 
 
+@torch.no_grad()
+def evaluate_stream(vae: VideoVAE, seconds: float = 120.0, count: int = 2, fps: int = 16, seed: int = 20_000,
+                    width: int = 64, height: int = 64) -> dict:
+    """Long-stream stability: `count` clips of `seconds` encoded whole, then decoded chunk by chunk (3 latent
+    frames, as the engine does) through one streaming decoder; PSNR and oracle in the first and last 10 s."""
+    from benchmarks.oracle import score_windows
+
+    from .data import to_uint8
+
+    n = 1 + 4 * round(seconds * fps / 4)
+    clips = ShapesClips(width, height, n, seed=seed)
+    w = 10 * fps
+    res = {"seconds": (n - 1) / fps, "clips": count, "first_10s_psnr_db": 0.0, "last_10s_psnr_db": 0.0,
+           "first_10s_oracle": 0.0, "last_10s_oracle": 0.0}
+    for i in range(count):
+        prompt, frames = clips.clip(i)
+        z = vae.encode(to_tensor(frames[None]))
+        dec = vae.stream()
+        rec = to_uint8(torch.cat([dec.decode(c) for c in z.split(3, dim=2)], dim=2))[0]
+        for name, sl in (("first", slice(0, w)), ("last", slice(-w, None))):
+            mse = ((frames[sl].astype("float64") - rec[sl]) ** 2).mean()
+            res[f"{name}_10s_psnr_db"] += 10 * math.log10(255.0**2 / max(mse, 1e-12)) / count
+            reps = score_windows(rec[sl], prompt)
+            res[f"{name}_10s_oracle"] += sum(r.score for r in reps) / len(reps) / count
+    return res
+
+
 def _main(argv=None) -> int:
     p = OneLineParser(prog="python -m distill.train_vae", description=__doc__.split("\n")[0])
     add_train_args(p, steps=1500, batch_size=8, lr=2e-4, warmup=50, ckpt_every=50, ema=0.995, out="runs/vae")
@@ -136,10 +186,16 @@ def _main(argv=None) -> int:
                    help="clip lengths drawn per batch (1 + 4k each); --frames sets the frames a batch holds per clip")
     p.add_argument("--kl-weight", type=float, default=1e-4)
     p.add_argument("--object-weight", type=float, default=10.0, help="extra loss weight on object pixels")
+    p.add_argument("--p-cut", type=float, default=0.5,
+                   help="fraction of clips that cut to another clip at a latent-group boundary")
     p.add_argument("--posterior-noise", type=float, default=0.0, help="scale of the posterior sample's noise")
     p.add_argument("--init", metavar="DIR", help="start from this VAE folder's weights (e.g. assets/shapes/vae)")
+    p.add_argument("--freeze-encoder", action="store_true",
+                   help="train the decoder only (with --init): latents already encoded for a teacher stay valid")
     p.add_argument("--export", metavar="DIR", help="write the trained VAE (diffusers folder with latent stats)")
     p.add_argument("--eval", type=int, default=32, metavar="N", help="clips to evaluate after --export")
+    p.add_argument("--eval-stream", type=float, default=120.0, metavar="SECONDS",
+                   help="after --export, also decode 2 streams this long chunk by chunk (0: skip)")
     args = p.parse_args(argv)
     preset = get_preset(args.preset)
     if any((n - 1) % 4 for n in [args.frames, *args.lengths]):
@@ -149,14 +205,24 @@ def _main(argv=None) -> int:
     if args.export:
         vae = export(Path(args.out), Path(args.export), args.preset, clips)
         held_out = ShapesClips(preset.width, preset.height, 33, seed=10_000 + args.seed)
-        print(json.dumps(evaluate(vae, held_out, args.eval)) if args.eval else args.export)
+        res = evaluate(vae, held_out, args.eval) if args.eval else {"export": args.export}
+        if args.eval and args.eval_stream:
+            res["stream"] = evaluate_stream(vae, args.eval_stream, width=preset.width, height=preset.height,
+                                            fps=preset.fps)
+        print(json.dumps(res))
         return 0
     rank, world, device = setup_distributed()
     vae = AutoencoderKLWan(**preset.vae.diffusers_kwargs())
     if args.init:  # latent stats live in the config, not the weights: the export measures them afresh
         vae.load_state_dict(VideoVAE.from_folder(args.init).vae.state_dict(), strict=True)
+    if args.freeze_encoder:
+        if not args.init:
+            p.error("--freeze-encoder needs --init (a trained encoder to keep)")
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
     model = VAEWithLoss(vae, args.posterior_noise).to(device)
-    trainer = Trainer(model, VAETask(clips, args.kl_weight, device, args.object_weight, tuple(args.lengths)),
+    trainer = Trainer(model, VAETask(clips, args.kl_weight, device, args.object_weight, tuple(args.lengths),
+                                    args.p_cut),
                       config_from_args(args), args.out,
                       device=device, resume=not args.no_resume, quiet=args.quiet)
     trainer.run()

@@ -120,6 +120,16 @@ class VAEConfig:
     scale_factor_temporal: int = 4
     scale_factor_spatial: int = 8
 
+    def __post_init__(self):
+        # diffusers derives the strides from these lists; the scale factors must say the same
+        if len(self.temperal_downsample) != len(self.dim_mult) - 1:
+            raise ValueError("VAEConfig: temperal_downsample needs one entry per downsampling stage "
+                             f"(len(dim_mult) - 1 = {len(self.dim_mult) - 1})")
+        if self.scale_factor_spatial != 2 ** len(self.temperal_downsample):
+            raise ValueError(f"VAEConfig: scale_factor_spatial must be {2 ** len(self.temperal_downsample)}")
+        if self.scale_factor_temporal != 2 ** sum(self.temperal_downsample):
+            raise ValueError(f"VAEConfig: scale_factor_temporal must be {2 ** sum(self.temperal_downsample)}")
+
     def diffusers_kwargs(self) -> dict:
         kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         kw["dim_mult"], kw["temperal_downsample"] = list(self.dim_mult), list(self.temperal_downsample)
@@ -177,13 +187,16 @@ PRESETS: dict[str, Preset] = {
     ),
     # The built-in Shapes model: 64x64 px, 16 fps, sized to stream faster than real time on a 2-core CPU.
     # The decoder is thin (decoder_base_dim 8) because on the CPU the VAE decode, not the transformer, dominates.
+    # The VAE downsamples 4x in space (16x16x8 latents a 4-frame group, 24x compression): at 8x (8x8x8, 96x)
+    # shapes of 4-8 px came back as coloured blobs. Patches of 4x4 keep the transformer at 16 tokens a frame.
     "shapes": Preset(
         name="shapes",
-        model=ModelConfig(num_attention_heads=4, attention_head_dim=64, in_channels=8, out_channels=8,
-                          text_dim=128, freq_dim=128, ffn_dim=1024, num_layers=8),
+        model=ModelConfig(patch_size=(1, 4, 4), num_attention_heads=4, attention_head_dim=64, in_channels=8,
+                          out_channels=8, text_dim=128, freq_dim=128, ffn_dim=1024, num_layers=8),
         cache=CacheConfig(frames_per_chunk=3, window_frames=6, sink="ema", sink_frames=3, ema_alpha=0.99),
         sampler=SamplerConfig(),
-        vae=VAEConfig(base_dim=16, decoder_base_dim=8, z_dim=8, dim_mult=(1, 2, 2, 2), num_res_blocks=1),
+        vae=VAEConfig(base_dim=16, decoder_base_dim=8, z_dim=8, dim_mult=(1, 2, 2), num_res_blocks=1,
+                      temperal_downsample=(True, True), scale_factor_spatial=4),
         height=64, width=64,
     ),
     # Wan2.1-T2V-1.3B widths (anchors §6), 832x480, LongLive/Reward-Forcing style cache.

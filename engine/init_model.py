@@ -30,7 +30,8 @@ def random_model_folder(preset_name: str, out, seed: int = 0, weights_dtype=torc
     text = ShapesTextEncoder(ShapesTextConfig(dim=preset.model.text_dim), seed=seed)
     save_model_folder(out, preset, transformer, vae, text, weights_dtype=weights_dtype, placeholder=True,
                       description=note or f"randomly initialised {preset_name} model (seed {seed}): a placeholder "
-                                          "with the real architecture and speed, not trained weights")
+                                          "with the real architecture and speed, not trained weights (`make "
+                                          "assets` then trains the Shapes VAE into vae/)")
 
 
 def main(argv=None) -> int:

@@ -125,11 +125,29 @@ def test_training_pipeline_end_to_end_on_tiny(tmp_path):
     assert train_vae.main(common + ["--out", str(tmp_path / "vae"), "--steps", "2"]) == 0
     assert train_vae.main(common + ["--out", str(tmp_path / "vae"), "--export", str(tmp_path / "vae_out"),
                                     "--eval", "0"]) == 0
+    # decoder-only fine-tune from the exported folder: the encoder (and so any encoded latents) is unchanged
+    assert train_vae.main(common + ["--out", str(tmp_path / "dec"), "--steps", "2", "--init", str(tmp_path / "vae_out"),
+                                    "--freeze-encoder", "--lr", "1e-2"]) == 0
+    from distill.trainer import load_weights
+    from engine.vae import VideoVAE
+
+    before = VideoVAE.from_folder(tmp_path / "vae_out").vae.state_dict()
+    after = {k.removeprefix("vae."): v for k, v in load_weights(tmp_path / "dec", "model").items()}
+    changed = {k.split(".")[0] for k in before if not torch.equal(before[k].float(), after[k].float())}
+    assert changed == {"decoder"} or changed == {"decoder", "post_quant_conv"}, changed
     lat = tmp_path / "lat.safetensors"
     args = common + ["--vae", str(tmp_path / "vae_out"), "--latents", str(lat), "--clips", "4", "--frames", "9"]
     assert train_teacher.main(args + ["--out", str(tmp_path / "teacher"), "--steps", "2"]) == 0
     assert lat.exists()
-    assert ode_init.main(common + ["--teacher", str(tmp_path / "teacher"), "--vae", str(tmp_path / "vae_out"),
+    # an exported teacher (fp16 transformer + text encoder) loads as the run's EMA weights, rounded to fp16
+    assert train_teacher.main(common + ["--out", str(tmp_path / "teacher"), "--export", str(tmp_path / "t_out")]) == 0
+    a, b = (train_teacher.load_teacher(tmp_path / d, "tiny") for d in ("teacher", "t_out"))
+    x = torch.randn(1, 4, 2, 4, 4)
+    emb = a.text.encode(["a red circle"])
+    torch.testing.assert_close(b.text.encode(["a red circle"]), emb)
+    va, vb = (m.transformer(x, torch.tensor([500.0]), encoder_hidden_states=emb, return_dict=False)[0] for m in (a, b))
+    torch.testing.assert_close(vb, va, atol=2e-2, rtol=2e-2)
+    assert ode_init.main(common + ["--teacher", str(tmp_path / "t_out"), "--vae", str(tmp_path / "vae_out"),
                                    "--pairs", str(tmp_path / "pairs.safetensors"), "--num-pairs", "3",
                                    "--latent-frames", "4", "--substeps", "1", "--out", str(tmp_path / "ode"),
                                    "--steps", "2"]) == 0
@@ -148,6 +166,7 @@ def test_training_clis_bad_input_one_line_exit_2(tmp_path, capsys):
 
     cases = [
         (train_vae.main, ["--frames", "6"], "1 + 4k"),
+        (train_vae.main, ["--freeze-encoder", "--out", str(tmp_path / "v")], "needs --init"),
         (train_teacher.main, ["--vae", str(tmp_path / "nope"), "--latents", str(tmp_path / "l.safetensors"),
                               "--out", str(tmp_path / "t")], "not a VAE folder"),
         (ode_init.main, ["--teacher", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], "no checkpoint"),
@@ -159,3 +178,30 @@ def test_training_clis_bad_input_one_line_exit_2(tmp_path, capsys):
             rc = e.code
         err = capsys.readouterr().err
         assert rc == 2 and needle in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_vae_scene_cuts_at_latent_group_boundaries():
+    from distill.train_vae import VAETask
+
+    torch.manual_seed(0)
+    video = torch.randn(4, 3, 13, 4, 4)
+    task = VAETask(None, 0.0, "cpu", p_cut=1.0)
+    out = task.cut(video, [8, 9, 10, 11])
+    assert torch.equal(out, task.cut(video, [8, 9, 10, 11]))  # a pure function of the ids
+    assert torch.equal(out[:, :, 0], video[:, :, 0])
+    for b in range(4):  # each clip is its own up to 1 + 4k, then the next clip's
+        c = next(t for t in range(13) if not torch.equal(out[b, :, t], video[b, :, t]))
+        assert (c - 1) % 4 == 0
+        assert torch.equal(out[b, :, c:], video[(b + 1) % 4, :, c:])
+    assert torch.equal(VAETask(None, 0.0, "cpu", p_cut=0.0).cut(video, [0, 1, 2, 3]), video)
+
+
+def test_vae_stream_evaluation_on_a_short_stream():
+    from distill.train_vae import evaluate_stream
+    from engine.vae import VideoVAE
+
+    vae = VideoVAE.from_config(get_preset("tiny").vae, seed=0)
+    res = evaluate_stream(vae, seconds=11.0, count=1, fps=4, width=32, height=32)  # 45 frames, 40-frame windows
+    assert res["seconds"] == 11.0 and res["clips"] == 1
+    assert all(0.0 <= res[f"{w}_10s_oracle"] <= 1.0 for w in ("first", "last"))
+    assert all(0.0 < res[f"{w}_10s_psnr_db"] < 40.0 for w in ("first", "last"))  # an untrained VAE is no copy

@@ -81,6 +81,7 @@ CASES = {
     "static_sink": dict(sink="static", window_frames=4, sink_frames=2, frames_per_chunk=2),
     "static_sink_2chunks": dict(sink="static", window_frames=3, sink_frames=2, frames_per_chunk=1),
     "chunk3_window6": dict(sink="none", window_frames=6, frames_per_chunk=3),
+    "patch4_static_sink": dict(sink="static", window_frames=6, sink_frames=3, frames_per_chunk=3, patch=4),
 }
 
 
@@ -88,12 +89,15 @@ CASES = {
 @pytest.mark.parametrize("backend", ["sdpa", "math"])
 def test_streaming_equals_masked_full_forward(name, backend):
     seed = zlib.crc32(f"{name}-{backend}".encode()) % 10_000
-    cache = dataclasses.replace(CacheConfig(), **CASES[name])
-    preset = TINY.replace(cache=cache, height=48, width=32)  # latent 6x4 -> 3x2 tokens per frame
+    kw = dict(CASES[name])
+    p = kw.pop("patch", 2)  # latent (3p)x(2p) -> 3x2 tokens per frame
+    cache = dataclasses.replace(CacheConfig(), **kw)
+    preset = TINY.replace(cache=cache, height=24 * p, width=16 * p,
+                          model=dataclasses.replace(TINY.model, patch_size=(1, p, p)))
     model = make_model(seed, preset)
     g = torch.Generator().manual_seed(seed)
     n, C = 7, cache.frames_per_chunk
-    shape = (1, 4, C, 6, 4)
+    shape = (1, 4, C, 3 * p, 2 * p)
     X = [torch.randn(shape, generator=g) for _ in range(n)]
     Y = [torch.randn(shape, generator=g) for _ in range(n)]
     ts = torch.rand(n, generator=g).mul(1000).tolist()

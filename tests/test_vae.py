@@ -1,25 +1,34 @@
 """Streaming VAE decode equals the full decode."""
 
+import dataclasses
+
+import pytest
 import torch
 
-from engine.config import get_preset
+from engine.config import VAEConfig, get_preset
 from engine.vae import VideoVAE
 
+# The shapes layout: two stages, both halving time and space (4x spatial, 4x temporal), at tiny widths.
+STRIDE4 = dataclasses.replace(get_preset("tiny").vae, dim_mult=(1, 2, 2), temperal_downsample=(True, True),
+                              scale_factor_spatial=4)
 
-def randomised(seed):
-    vae = VideoVAE.from_config(get_preset("tiny").vae, seed=seed)
+
+def randomised(seed, cfg=None):
+    vae = VideoVAE.from_config(cfg or get_preset("tiny").vae, seed=seed)
     with torch.no_grad():  # make the decoder's output depend on everything (default init is near-trivial)
         for p in vae.vae.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     return vae
 
 
-def test_streaming_decode_equals_full_decode():
-    vae = randomised(0)
+@pytest.mark.parametrize("cfg", [None, STRIDE4], ids=["stride8", "stride4"])
+def test_streaming_decode_equals_full_decode(cfg):
+    vae = randomised(0, cfg)
     g = torch.Generator().manual_seed(1)
     z = torch.randn(1, 4, 7, 5, 3, generator=g)  # odd latent sizes
     full = vae.decode(z)
-    assert full.shape == (1, 3, 1 + 4 * 6, 40, 24)
+    s = vae.spatial
+    assert full.shape == (1, 3, 1 + 4 * 6, 5 * s, 3 * s)
     for sizes in [(1, 1, 1, 1, 1, 1, 1), (3, 3, 1), (2, 5)]:
         dec = vae.stream()
         parts = [dec.decode(c) for c in z.split(list(sizes), dim=2)]
@@ -51,3 +60,16 @@ def test_save_load_round_trip_and_encode_shape(tmp_path):
     torch.testing.assert_close(again.decode(z), vae.decode(z), rtol=0, atol=1e-6)
     video = torch.rand(1, 3, 9, 32, 32) * 2 - 1
     assert vae.encode(video).shape == (1, 4, 3, 4, 4)
+
+
+def test_shapes_vae_strides_and_bad_configs():
+    vae = randomised(6, STRIDE4)
+    assert (vae.temporal, vae.spatial) == (4, 4)
+    assert vae.encode(torch.rand(1, 3, 9, 32, 24) * 2 - 1).shape == (1, 4, 3, 8, 6)
+    assert get_preset("shapes").latent_hw == (16, 16) and get_preset("shapes").tokens_per_frame == 16
+    with pytest.raises(ValueError, match="scale_factor_spatial must be 4"):
+        VAEConfig(dim_mult=(1, 2, 2), temperal_downsample=(True, True))
+    with pytest.raises(ValueError, match="scale_factor_temporal must be 2"):
+        VAEConfig(temperal_downsample=(False, False, True))
+    with pytest.raises(ValueError, match="one entry per downsampling stage"):
+        VAEConfig(dim_mult=(1, 2), temperal_downsample=(True, True))
