@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers import WanTransformer3DModel
 
 from engine.cli import OneLineParser, one_line_errors
 from engine.config import get_preset
@@ -61,8 +62,6 @@ def load_teacher(run: Path, preset_name: str, which: str = "ema") -> Teacher:
     text_encoder/, what --export writes), in float32."""
     run = Path(run)
     if (run / "transformer" / "config.json").is_file():
-        from diffusers import WanTransformer3DModel
-
         tr = WanTransformer3DModel.from_pretrained(str(run / "transformer")).float()
         t = Teacher(tr, ShapesTextEncoder.from_folder(run / "text_encoder").float())
     else:

@@ -30,8 +30,7 @@ def random_model_folder(preset_name: str, out, seed: int = 0, weights_dtype=torc
     text = ShapesTextEncoder(ShapesTextConfig(dim=preset.model.text_dim), seed=seed)
     save_model_folder(out, preset, transformer, vae, text, weights_dtype=weights_dtype, placeholder=True,
                       description=note or f"randomly initialised {preset_name} model (seed {seed}): a placeholder "
-                                          "with the real architecture and speed, not trained weights (`make "
-                                          "assets` then trains the Shapes VAE into vae/)")
+                                          "with the real architecture and speed, not trained weights")
 
 
 def main(argv=None) -> int:
@@ -41,9 +40,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weights-dtype", default="float16", choices=["float32", "float16", "bfloat16"],
                    help="storage dtype of the transformer weights (float16 keeps assets/ small)")
+    p.add_argument("--description", default="", help="engine.json description (default: says it is a placeholder)")
     a = p.parse_args(argv)
     try:
-        random_model_folder(a.preset, a.out, a.seed, getattr(torch, a.weights_dtype))
+        random_model_folder(a.preset, a.out, a.seed, getattr(torch, a.weights_dtype), a.description)
     except ValueError as e:
         p.error(str(e))
     print(a.out)
