@@ -22,11 +22,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# Rebuild the shipped default model folder (README "The Shapes world, the oracle and training the built-in
-# model"; each phase resumes runs/vae if interrupted): the architecture with random transformer and
-# text-encoder weights (placeholders until the teacher and the ODE student land), and the Shapes VAE trained
-# from scratch in the phases the shipped one went through (why: distill/train_vae.py), then exported with its
-# latent statistics and evaluated (held-out PSNR, oracle, a 2-minute streaming decode).
+# Rebuild the shipped folders (README "The Shapes world, the oracle and training the built-in model"; each
+# phase resumes its run folder under runs/ if interrupted): assets/shapes, the architecture with random
+# transformer and text-encoder weights (placeholders until the ODE student lands) and the Shapes VAE trained
+# from scratch in the phases the shipped one went through (why: distill/train_vae.py), exported with its latent
+# statistics and evaluated (held-out PSNR, oracle, a 2-minute streaming decode); then assets/shapes-teacher,
+# the bidirectional teacher and its text encoder trained on 3,000 encoded clips (work in progress: see the
+# README's status table), exported in fp16 and evaluated (oracle adherence on 50 prompts).
 SHAPES_DESCRIPTION := Shapes model, work in progress: the VAE is trained (make assets: 3,050 steps, 23.9 dB PSNR and oracle 0.78 on held-out 33-frame clips); the transformer and text encoder are still randomly initialised placeholders (seed 0) until the teacher and the ODE-initialised student land, so videos are noise
 assets: $(STAMP)
 	$(BIN)/python -m engine.init_model --preset shapes --out assets/shapes --seed 0 --description "$(SHAPES_DESCRIPTION)"
@@ -35,6 +37,8 @@ assets: $(STAMP)
 	$(BIN)/python -m distill.train_vae --out runs/vae --steps 2700 --lr 5e-4 --p-cut 0.5
 	$(BIN)/python -m distill.train_vae --out runs/vae --steps 3050 --lr 2e-4 --p-cut 0.5
 	$(BIN)/python -m distill.train_vae --out runs/vae --export assets/shapes/vae --eval 32
+	$(BIN)/python -m distill.train_teacher --vae assets/shapes/vae --out runs/teacher --clips 3000 --steps 4000
+	$(BIN)/python -m distill.train_teacher --out runs/teacher --export assets/shapes-teacher --eval 50
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

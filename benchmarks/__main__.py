@@ -4,9 +4,11 @@
     python -m benchmarks --json results.json --plot results.png
     python -m benchmarks --preset tiny --quick      # a random model of a preset instead of the shipped one
 
-Systems (same model, resolution, frame count, seed):
-  engine     the cached stream (rolling window + sink), decode included
-  recompute  no KV cache: every forward re-runs the whole history (clean frames, block-causal) + the chunk
+Systems (same model, resolution, frame count, seed), each with the oracle's adherence to the prompt beside it:
+  engine        the cached stream (rolling window + sink), decode included
+  recompute     no KV cache: every forward re-runs the whole history (clean frames, block-causal) + the chunk
+  wan_pipeline  diffusers' WanPipeline with the bidirectional teacher at its usual 30 CFG steps (--teacher;
+                with --preset, a random teacher of that preset): what a user would otherwise run
 Scaling: per-chunk cost and FPS at stream positions 10 s, 60 s, 300 s (quick: 10 s, 60 s). The engine is
 streamed there for real; the recompute baseline is timed for a few chunks after its history has been filled
 with clean latents of that length (its cost depends on the length, not on the values).
@@ -70,11 +72,19 @@ def summarize(chunks_ms, stages, frames, seconds, first_ms):
             "peak_memory_mb": peak_rss_mb()}
 
 
-def stream_system(model, frames: int, recompute: bool, seed: int = 0, marks=()) -> tuple[dict, dict]:
-    """Stream `frames` frames and time it; `marks` are frame counts at which to report the local FPS."""
+def adherence(frames: np.ndarray, prompt: str = PROMPT) -> float:
+    from benchmarks.oracle import score_video
+
+    return round(score_video(frames, prompt).score, 4)
+
+
+def stream_system(model, frames: int, recompute: bool, seed: int = 0, marks=(), score: bool = True
+                  ) -> tuple[dict, dict]:
+    """Stream `frames` frames and time it; `marks` are frame counts at which to report the local FPS.
+    With `score`, the result holds the oracle's adherence of the streamed video."""
     gen = VideoGenerator(model, recompute=recompute)
     gen.warmup()
-    chunks_ms, stages, ends = [], {}, []
+    chunks_ms, stages, ends, video = [], {}, [], []
     t0 = time.perf_counter()
     first = None
     tc = t0
@@ -87,6 +97,8 @@ def stream_system(model, frames: int, recompute: bool, seed: int = 0, marks=()) 
         for k, v in c.timings_ms.items():
             stages.setdefault(k, []).append(v)
         ends.append((c.first_frame + len(c.frames), len(c.frames)))
+        if score:
+            video.append(c.frames)
     total = time.perf_counter() - t0
     at = {}
     full = ends[min(1, len(ends) - 1)][1]  # frames of a whole chunk (the first one is shorter)
@@ -100,6 +112,8 @@ def stream_system(model, frames: int, recompute: bool, seed: int = 0, marks=()) 
         firsts.append((time.perf_counter() - t0) * 1000)
     out = summarize(chunks_ms, stages, frames, total, float(np.median(firsts)))
     out["first_frame_ms_runs"] = firsts
+    if score:
+        out["oracle"] = adherence(np.concatenate(video))
     return out, at
 
 
@@ -151,12 +165,21 @@ def cold_first_chunk(model_arg, device, dtype) -> float:
 
 
 def table(results: dict) -> str:
-    rows = [("system", "fps", "x realtime", "first ms", "chunk p50", "chunk p95", "fps no decode")]
+    rows = [("system", "fps", "x realtime", "first ms", "chunk p50", "chunk p95", "fps no decode", "oracle")]
     fps_rt = results["model"]["fps"]
+    skipped = []
     for name, r in results["systems"].items():
+        if "skipped" in r:
+            skipped.append(f"{name} skipped: {r['skipped']}")
+            continue
         rows.append((name, f"{r['fps']:.1f}", f"{r['fps'] / fps_rt:.2f}", f"{r['first_frame_ms']:.0f}",
-                     f"{r['chunk_ms']['p50']:.0f}", f"{r['chunk_ms']['p95']:.0f}", f"{r['fps_without_decode']:.1f}"))
-    lines = ["  ".join(f"{c:>13}" for c in row) for row in rows]
+                     f"{r['chunk_ms']['p50']:.0f}", f"{r['chunk_ms']['p95']:.0f}", f"{r['fps_without_decode']:.1f}",
+                     f"{r['oracle']:.3f}" if "oracle" in r else "-"))
+    lines = ["  ".join(f"{c:>13}" for c in row) for row in rows] + skipped
+    eng, wan = results["systems"]["engine"], results["systems"].get("wan_pipeline", {})
+    if "fps" in wan:
+        lines.append(f"engine vs wan_pipeline: {eng['fps'] / wan['fps']:.1f}x the fps, first frame in "
+                     f"{eng['first_frame_ms'] / wan['first_frame_ms']:.3f} of its time")
     lines.append("")
     lines.append("stage ms per chunk (engine): " + ", ".join(
         f"{k} {v:.1f}" for k, v in results["systems"]["engine"]["stage_ms"].items()))
@@ -192,6 +215,30 @@ def plot(results: dict, path: str):
     fig.savefig(path, dpi=100)
 
 
+def pipeline_system(a, model, frames: int) -> dict:
+    """The wan_pipeline baseline (benchmarks/baselines.py), or {"skipped": why}."""
+    from benchmarks.baselines import load_wan_pipeline, wan_pipeline_system
+
+    pr = model.preset
+    if a.no_pipeline:
+        return {"skipped": "--no-pipeline"}
+    teacher = None if a.preset else Path(a.teacher)
+    if teacher is not None and not teacher.exists():
+        print(f"warning: no teacher at {teacher}: the wan_pipeline baseline is skipped", file=sys.stderr)
+        return {"skipped": f"no teacher folder at {teacher}"}
+    if teacher is not None and pr.name != "shapes":
+        return {"skipped": f"the teacher is the shapes model's; this model is {pr.name}"}
+    print("wan_pipeline baseline (teacher, 30 CFG steps) ...", file=sys.stderr)
+    pipe, text = load_wan_pipeline(teacher, model.vae, pr.name)
+    pipe.transformer.to(a.device, getattr(torch, a.dtype))  # the VAE is the engine's, already placed
+    text.to(a.device)
+    res, video = wan_pipeline_system(pipe, text, PROMPT, frames, pr.width, pr.height)
+    res["teacher"] = str(teacher) if teacher else f"random {pr.name} teacher"
+    res["peak_memory_mb"] = peak_rss_mb()
+    res["oracle"] = adherence(video)
+    return res
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a run under 2 minutes on a 2-core CPU")
@@ -203,6 +250,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2, the reference machine)")
     p.add_argument("--seconds", type=float, nargs="*", help="scaling positions in seconds")
+    p.add_argument("--teacher", default="assets/shapes-teacher",
+                   help="teacher folder for the wan_pipeline baseline (ignored with --preset: a random teacher)")
+    p.add_argument("--no-pipeline", action="store_true", help="skip the wan_pipeline baseline")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     dtype = getattr(torch, a.dtype)
@@ -240,6 +290,7 @@ def main(argv=None) -> int:
           f"{results['device']['name']}, {a.threads} threads", file=sys.stderr)
     results["systems"]["engine"], _ = stream_system(model, frames, recompute=False)
     results["systems"]["recompute"], _ = stream_system(model, frames, recompute=True)
+    results["systems"]["wan_pipeline"] = pipeline_system(a, model, frames)
     colds = [cold_first_chunk(str(model.path), a.device, dtype) for _ in range(3)]
     results["systems"]["engine"]["cold_first_chunk_ms"] = float(np.median(colds))
     longest = int(max(secs) * pr.fps)

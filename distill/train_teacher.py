@@ -4,6 +4,7 @@
     python -m distill.train_teacher --out runs/teacher --export runs/teacher/export   # transformer + text_encoder
     python -m distill.train_teacher --out runs/teacher --eval 50                    # oracle adherence
     python -m distill.train_teacher --out assets/shapes-teacher --eval 50           # same, exported folder
+    python -m distill.train_teacher --out runs/teacher2 --init assets/shapes-teacher  # go on from an export
 
 Data: `--clips` rendered clips encoded once by the VAE into `--latents` (made on first use). Each sample's
 prompt is dropped to the empty prompt with probability `--p-uncond` (classifier-free guidance); sigma is
@@ -119,6 +120,8 @@ def _main(argv=None) -> int:
     p.add_argument("--frames", type=int, default=33, help="video frames per clip (1 + 4k)")
     p.add_argument("--p-uncond", type=float, default=0.1)
     p.add_argument("--shift", type=float, default=3.0)
+    p.add_argument("--init", metavar="DIR",
+                   help="start from these weights (an exported teacher or a run folder's EMA) instead of random")
     p.add_argument("--export", metavar="DIR", help="write transformer/ and text_encoder/ folders")
     p.add_argument("--eval", type=int, metavar="N", help="oracle adherence of N random prompts")
     p.add_argument("--steps-sample", type=int, default=30)
@@ -126,6 +129,8 @@ def _main(argv=None) -> int:
     args = p.parse_args(argv)
     preset = get_preset(args.preset)
     out = Path(args.out)
+    if args.init and not Path(args.init).is_dir():
+        p.error(f"--init {args.init}: no such folder")
     if args.export or args.eval:
         teacher = load_teacher(out, args.preset)
         if args.export:
@@ -145,7 +150,10 @@ def _main(argv=None) -> int:
         if world > 1:
             torch.distributed.barrier()
     data = LatentSet(lat)
-    teacher = build(args.preset, args.seed).to(device)
+    teacher = build(args.preset, args.seed)
+    if args.init:  # the optimiser starts afresh: a new run folder, not a resume
+        teacher.load_state_dict(load_teacher(Path(args.init), args.preset).state_dict(), strict=True)
+    teacher = teacher.requires_grad_(True).to(device)
     task = TeacherTask(data, teacher.text, args.p_uncond, args.shift, device)
     Trainer(teacher, task, config_from_args(args), out, device=device, resume=not args.no_resume,
             quiet=args.quiet).run()

@@ -147,6 +147,12 @@ def test_training_pipeline_end_to_end_on_tiny(tmp_path):
     torch.testing.assert_close(b.text.encode(["a red circle"]), emb)
     va, vb = (m.transformer(x, torch.tensor([500.0]), encoder_hidden_states=emb, return_dict=False)[0] for m in (a, b))
     torch.testing.assert_close(vb, va, atol=2e-2, rtol=2e-2)
+    # a new run can start from the export: its first checkpoint's weights are the export's, then it trains
+    assert train_teacher.main(args + ["--out", str(tmp_path / "teacher2"), "--steps", "1", "--init",
+                                      str(tmp_path / "t_out"), "--lr", "0"]) == 0
+    c = train_teacher.load_teacher(tmp_path / "teacher2", "tiny", which="model")
+    for k, v in b.state_dict().items():
+        torch.testing.assert_close(c.state_dict()[k], v, atol=0, rtol=0)
     assert ode_init.main(common + ["--teacher", str(tmp_path / "t_out"), "--vae", str(tmp_path / "vae_out"),
                                    "--pairs", str(tmp_path / "pairs.safetensors"), "--num-pairs", "3",
                                    "--latent-frames", "4", "--substeps", "1", "--out", str(tmp_path / "ode"),
@@ -170,6 +176,7 @@ def test_training_clis_bad_input_one_line_exit_2(tmp_path, capsys):
         (train_teacher.main, ["--vae", str(tmp_path / "nope"), "--latents", str(tmp_path / "l.safetensors"),
                               "--out", str(tmp_path / "t")], "not a VAE folder"),
         (ode_init.main, ["--teacher", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], "no checkpoint"),
+        (train_teacher.main, ["--init", str(tmp_path / "nope"), "--out", str(tmp_path / "t")], "no such folder"),
     ]
     for main, argv, needle in cases:
         try:
@@ -194,6 +201,30 @@ def test_vae_scene_cuts_at_latent_group_boundaries():
         assert (c - 1) % 4 == 0
         assert torch.equal(out[b, :, c:], video[(b + 1) % 4, :, c:])
     assert torch.equal(VAETask(None, 0.0, "cpu", p_cut=0.0).cut(video, [0, 1, 2, 3]), video)
+
+
+def test_vae_motion_loss_punishes_steppy_motion():
+    """A square moving 1 px a frame vs the same square held at its group's mean position (what a decoder unsure
+    of the motion inside a latent group draws): the motion term sees the steps, and is 0 for the exact video."""
+    from distill.train_vae import VAETask
+
+    T, W = 13, 24
+    video = -torch.ones(1, 3, T, 8, W)
+    steppy = video.clone()
+    for t in range(T):
+        video[0, :, t, 2:6, 2 + t:6 + t] = 1.0
+        g = 0 if t == 0 else 1 + 4 * ((t - 1) // 4) + 1  # hold near the group's mean position
+        steppy[0, :, t, 2:6, 2 + g:6 + g] = 1.0
+
+    def loss(rec, weight):
+        model = lambda x, gen: (rec, torch.tensor(0.0))
+        return VAETask(None, 0.0, "cpu", motion_weight=weight).loss(model, video, None)
+
+    exact, logs = loss(video, 1.0)
+    assert exact.item() == 0 and logs["motion"] == 0
+    plain, _ = loss(steppy, 0.0)
+    with_motion, logs = loss(steppy, 1.0)
+    assert logs["motion"] > 0.05 and with_motion.item() == pytest.approx(plain.item() + logs["motion"], rel=1e-6)
 
 
 def test_vae_stream_evaluation_on_a_short_stream():
