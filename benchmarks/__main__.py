@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.oracle import adherence
 from engine.folder import ModelLoadError, load_model_folder
 from engine.pipeline import VideoGenerator
 
@@ -72,12 +73,6 @@ def summarize(chunks_ms, stages, frames, seconds, first_ms):
             "peak_memory_mb": peak_rss_mb()}
 
 
-def adherence(frames: np.ndarray, prompt: str = PROMPT) -> float:
-    from benchmarks.oracle import score_video
-
-    return round(score_video(frames, prompt).score, 4)
-
-
 def stream_system(model, frames: int, recompute: bool, seed: int = 0, marks=(), score: bool = True
                   ) -> tuple[dict, dict]:
     """Stream `frames` frames and time it; `marks` are frame counts at which to report the local FPS.
@@ -113,7 +108,7 @@ def stream_system(model, frames: int, recompute: bool, seed: int = 0, marks=(), 
     out = summarize(chunks_ms, stages, frames, total, float(np.median(firsts)))
     out["first_frame_ms_runs"] = firsts
     if score:
-        out["oracle"] = adherence(np.concatenate(video))
+        out["oracle"] = adherence([(np.concatenate(video), PROMPT)])
     return out, at
 
 
@@ -235,7 +230,7 @@ def pipeline_system(a, model, frames: int) -> dict:
     res, video = wan_pipeline_system(pipe, text, PROMPT, frames, pr.width, pr.height)
     res["teacher"] = str(teacher) if teacher else f"random {pr.name} teacher"
     res["peak_memory_mb"] = peak_rss_mb()
-    res["oracle"] = adherence(video)
+    res["oracle"] = adherence([(video, PROMPT)])
     return res
 
 

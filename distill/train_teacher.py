@@ -153,7 +153,7 @@ def _main(argv=None) -> int:
     teacher = build(args.preset, args.seed)
     if args.init:  # the optimiser starts afresh: a new run folder, not a resume
         teacher.load_state_dict(load_teacher(Path(args.init), args.preset).state_dict(), strict=True)
-    teacher = teacher.requires_grad_(True).to(device)
+    teacher = teacher.to(device)
     task = TeacherTask(data, teacher.text, args.p_uncond, args.shift, device)
     Trainer(teacher, task, config_from_args(args), out, device=device, resume=not args.no_resume,
             quiet=args.quiet).run()
