@@ -192,7 +192,9 @@ def test_realtime_pace_sends_at_the_model_fps():
 
 
 def test_max_pace_is_not_throttled():
-    with ServerThread(stub(fps=4)) as s, Client(s.ws_url) as c:
+    # the queue holds the whole clip: this checks pacing, and a client slowed by a loaded machine must not turn
+    # it into a backpressure test (the oldest frames are dropped past the bound: tests/test_server_outbox.py)
+    with ServerThread(stub(fps=4), queue_frames=64) as s, Client(s.ws_url) as c:
         c.start(frames=64, pace="max", format="png")
         t0 = time.monotonic()
         assert c.drain() == 1000
