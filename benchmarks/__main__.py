@@ -9,10 +9,15 @@ Systems (same model, resolution, frame count, seed), each with the oracle's adhe
   recompute     no KV cache: every forward re-runs the whole history (clean frames, block-causal) + the chunk
   wan_pipeline  diffusers' WanPipeline with the bidirectional teacher at its usual 30 CFG steps (--teacher;
                 with --preset, a random teacher of that preset): what a user would otherwise run
-Scaling: per-chunk cost and FPS at stream positions 10 s, 60 s, 300 s (quick: 10 s, 60 s). The engine is
-streamed there for real; the recompute baseline is timed for a few chunks after its history has been filled
-with clean latents of that length (its cost depends on the length, not on the values).
-First-chunk latency is reported warm (after a warm-up pass, as a server would be) and cold (first call).
+  engine[...]   the engine under each other sink policy (none / static / ema), block-sparse attention at 20%
+                density, linear memory, and both
+Stages: text encode, each denoising forward (step_1 .. step_N) and the clean pass, VAE decode; then, on the
+engine's frames, JPEG and H.264 encode and websocket transport on loopback (benchmarks/stages.py).
+First-chunk latency is reported warm (after a warm-up pass, as a server would be) and cold (a fresh process).
+Scaling: per-chunk cost, FPS and memory at stream positions 10 s, 60 s, 300 s, 600 s (quick: 10 s, 30 s). The
+engine is streamed there for real; the recompute baseline is timed for a few chunks after its history has been
+filled with clean latents of that length (its cost depends on the length, not on the values), and skipped
+where its attention would not fit in this machine's memory (the JSON says how much it would need).
 """
 
 from __future__ import annotations
@@ -31,7 +36,10 @@ import torch
 
 from benchmarks.oracle import adherence
 from engine.folder import ModelLoadError, load_model_folder
-from engine.pipeline import VideoGenerator
+from engine.pipeline import VideoGenerator, _sync
+
+from benchmarks.stages import ForwardTimer, available_mb, peak_mb, reset_peak, rss_mb
+from benchmarks.stages import delivery as stages_delivery
 
 PROMPT = "a red circle bouncing on a black background"
 
@@ -53,9 +61,13 @@ def device_info(device: str, dtype: torch.dtype) -> dict:
 
 
 def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+    """HEAD's SHA, with "-dirty" when tracked files differ from it (the numbers are then not that commit's)."""
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
                               cwd=Path(__file__).parent).stdout.strip()
+
+    try:
+        return git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -73,12 +85,14 @@ def summarize(chunks_ms, stages, frames, seconds, first_ms):
             "peak_memory_mb": peak_rss_mb()}
 
 
-def stream_system(model, frames: int, recompute: bool, seed: int = 0, marks=(), score: bool = True
-                  ) -> tuple[dict, dict]:
-    """Stream `frames` frames and time it; `marks` are frame counts at which to report the local FPS.
-    With `score`, the result holds the oracle's adherence of the streamed video."""
-    gen = VideoGenerator(model, recompute=recompute)
+def stream_system(model, frames: int, recompute: bool, seed: int = 0, marks=(), score: bool = True,
+                  cache_cfg=None, first_runs: int = 5, delivery: bool = False) -> tuple[dict, dict]:
+    """Stream `frames` frames and time it; `marks` are frame counts at which to report the local FPS and the
+    resident memory. With `score`, the result holds the oracle's adherence of the streamed video; with
+    `delivery`, the JPEG / H.264 / websocket timings of its chunks (benchmarks/stages.py)."""
+    gen = VideoGenerator(model, recompute=recompute, cache_cfg=cache_cfg)
     gen.warmup()
+    timer = ForwardTimer(gen.stream, len(gen.stream.sampler_cfg.timesteps), lambda: _sync(gen.device))
     chunks_ms, stages, ends, video = [], {}, [], []
     t0 = time.perf_counter()
     first = None
@@ -92,24 +106,44 @@ def stream_system(model, frames: int, recompute: bool, seed: int = 0, marks=(), 
         for k, v in c.timings_ms.items():
             stages.setdefault(k, []).append(v)
         ends.append((c.first_frame + len(c.frames), len(c.frames)))
-        if score:
+        if c.first_frame + len(c.frames) in marks:
+            stages.setdefault("_rss", {})[c.first_frame + len(c.frames)] = rss_mb()
+        if score or delivery:
             video.append(c.frames)
     total = time.perf_counter() - t0
+    timer.remove()
+    rss = stages.pop("_rss", {})
     at = {}
     full = ends[min(1, len(ends) - 1)][1]  # frames of a whole chunk (the first one is shorter)
     for m in marks:  # speed at a stream position: median over the last 25 whole chunks that end by it
         ms = float(np.median([chunks_ms[i] for i, (end, n) in enumerate(ends) if end <= m and n == full][-25:]))
-        at[m] = {"chunk_ms": ms, "fps": full / (ms / 1000)}
+        near = min(rss, key=lambda e: abs(e - m)) if rss else None
+        at[m] = {"chunk_ms": ms, "fps": full / (ms / 1000), "rss_mb": rss.get(near, rss_mb()),
+                 "state_mb": state_mb(gen.stream)}
     firsts = [first]
-    for rep in range(4):  # first-chunk latency is noisy on a shared CPU: report the median of 5 fresh starts
+    for rep in range(first_runs - 1):  # first-chunk latency is noisy on a shared CPU: the median of fresh starts
         t0 = time.perf_counter()
         next(iter(gen.run([(0, PROMPT)], frames, seed=seed + 1 + rep)))
         firsts.append((time.perf_counter() - t0) * 1000)
     out = summarize(chunks_ms, stages, frames, total, float(np.median(firsts)))
     out["first_frame_ms_runs"] = firsts
+    out["forward_ms"] = timer.summary()
+    if delivery:
+        out["delivery_ms"] = stages_delivery(video, model.preset.fps)
+        per_chunk = sum(out["delivery_ms"][k]["mean"] for k in ("jpeg_encode", "websocket"))
+        out["fps_streamed"] = frames / (total + per_chunk * len(video) / 1000)
     if score:
         out["oracle"] = adherence([(np.concatenate(video), PROMPT)])
     return out, at
+
+
+def state_mb(stream) -> float:
+    """Memory the stream's state holds: the KV cache (fixed size) or, without one, the clean history."""
+    if stream.cache is not None:
+        ts = [t for t in vars(stream.cache).values() if isinstance(t, torch.Tensor)]  # k, v (+ linear memory)
+    else:
+        ts = list(stream.history)
+    return sum(t.numel() * t.element_size() for t in ts) / 2**20
 
 
 def recompute_at(model, frames_before: int, chunks: int = 2, seed: int = 0) -> dict:
@@ -123,6 +157,12 @@ def recompute_at(model, frames_before: int, chunks: int = 2, seed: int = 0) -> d
     st.set_prompt(gen.embed(PROMPT))
     g = torch.Generator().manual_seed(seed)
     n_hist = max(0, gen.chunks_for_frames(frames_before) - 1)
+    need = recompute_attention_mb(model, n_hist + 1)
+    if need > 0.7 * available_mb():
+        return {"skipped": f"its attention over {n_hist + 1} chunks needs ~{need / 1024:.1f} GB "
+                           f"(this machine has {available_mb() / 1024:.1f} GB free)",
+                "context_frames": n_hist * st.cache_cfg.frames_per_chunk, "attention_mb_estimate": need}
+    reset_peak()
     st.history = [torch.randn(st.chunk_shape, generator=g).to(st.device, st.dtype) for _ in range(n_hist)]
     st.chunks = n_hist
     decoder = model.vae.stream()
@@ -145,7 +185,36 @@ def recompute_at(model, frames_before: int, chunks: int = 2, seed: int = 0) -> d
         times.append((fwd * len(st.sampler_cfg.timesteps) + time.perf_counter() - t0) * 1000)
     ms = float(np.median(times))
     return {"chunk_ms": ms, "fps": frames / (ms / 1000), "context_frames": n_hist * st.cache_cfg.frames_per_chunk,
-            "method": f"{chunks} chunks timed" if chunks else "one forward timed, x steps, + decode"}
+            "method": f"{chunks} chunks timed" if chunks else "one forward timed, x steps, + decode",
+            "state_mb": state_mb(st), "peak_rss_mb": peak_mb()}
+
+
+def recompute_attention_mb(model, n_chunks: int) -> float:
+    """Rough working set of one no-cache forward over n_chunks chunks: the [L, L] mask and one layer's
+    attention scores [heads, L, L] in float32 (the masked SDPA path materialises them on the CPU)."""
+    cfg = model.transformer.cfg
+    h, w = model.preset.latent_hw
+    _, ph, pw = cfg.patch_size
+    L = n_chunks * model.preset.cache.frames_per_chunk * (h // ph) * (w // pw)
+    return (L * L * (1 + 4 * cfg.num_attention_heads)) / 2**20
+
+
+def engine_configs(base, model) -> dict:
+    """The engine under each sink, sparse and linear option (the default config is the `engine` system)."""
+    from dataclasses import replace
+
+    h, w = model.preset.latent_hw
+    _, ph, pw = model.transformer.cfg.patch_size
+    block = min(base.sparse_block, (h // ph) * (w // pw))  # at least a few blocks per chunk on small grids
+    opts = {"sink=none": dict(sink="none"), "sink=static": dict(sink="static"), "sink=ema": dict(sink="ema"),
+            "sparse=0.2": dict(sparse_topk=0.2, sparse_block=block), "linear": dict(linear_memory=True),
+            "sparse=0.2+linear": dict(sparse_topk=0.2, sparse_block=block, linear_memory=True)}
+    out = {}
+    for name, kw in opts.items():
+        cfg = replace(base, **kw)
+        if cfg != base:
+            out[f"engine[{name}]"] = cfg
+    return out
 
 
 def cold_first_chunk(model_arg, device, dtype) -> float:
@@ -170,19 +239,32 @@ def table(results: dict) -> str:
         rows.append((name, f"{r['fps']:.1f}", f"{r['fps'] / fps_rt:.2f}", f"{r['first_frame_ms']:.0f}",
                      f"{r['chunk_ms']['p50']:.0f}", f"{r['chunk_ms']['p95']:.0f}", f"{r['fps_without_decode']:.1f}",
                      f"{r['oracle']:.3f}" if "oracle" in r else "-"))
-    lines = ["  ".join(f"{c:>13}" for c in row) for row in rows] + skipped
+    lines = [f"{row[0]:>26}  " + "  ".join(f"{c:>13}" for c in row[1:]) for row in rows] + skipped
     eng, wan = results["systems"]["engine"], results["systems"].get("wan_pipeline", {})
     if "fps" in wan:
         lines.append(f"engine vs wan_pipeline: {eng['fps'] / wan['fps']:.1f}x the fps, first frame in "
                      f"{eng['first_frame_ms'] / wan['first_frame_ms']:.3f} of its time")
     lines.append("")
-    lines.append("stage ms per chunk (engine): " + ", ".join(
-        f"{k} {v:.1f}" for k, v in results["systems"]["engine"]["stage_ms"].items()))
-    lines.append("scaling (stream position: engine fps | recompute fps):")
+    lines.append("stage ms per chunk (engine): " + ", ".join(f"{k} {v:.1f}" for k, v in eng["stage_ms"].items()))
+    lines.append("  each forward: " + ", ".join(f"{k} {v:.1f}" for k, v in eng.get("forward_ms", {}).items()))
+    if "delivery_ms" in eng:
+        d = eng["delivery_ms"]
+        lines.append(f"  delivery: jpeg encode {d['jpeg_encode']['mean']:.1f}, h264 encode {d['h264_encode']['mean']:.1f}, "
+                     f"websocket loopback {d['websocket']['mean']:.1f} ({d['jpeg_kb_per_frame']:.1f} kB/frame) "
+                     f"-> {eng['fps_streamed']:.1f} fps streamed as JPEG")
+    if "cold_first_chunk_ms" in eng:
+        lines.append(f"  first chunk: warm {eng['first_frame_ms']:.0f} ms, cold (fresh process) "
+                     f"{eng['cold_first_chunk_ms']:.0f} ms")
+    lines.append("scaling (stream position: engine | recompute; fps, ms/chunk, state memory):")
     for s in results["scaling"]:
-        lines.append(f"  {s['seconds']:>5} s: engine {s['engine']['fps']:7.1f} fps ({s['engine']['chunk_ms']:.0f} ms/chunk)"
-                     f"  | recompute {s['recompute']['fps']:7.2f} fps ({s['recompute']['chunk_ms']:.0f} ms/chunk)"
-                     f"  -> cache advantage {s['recompute']['chunk_ms'] / s['engine']['chunk_ms']:.1f}x")
+        e, r = s["engine"], s["recompute"]
+        line = f"  {s['seconds']:>5} s: engine {e['fps']:7.1f} fps {e['chunk_ms']:6.0f} ms {e.get('state_mb', 0):7.2f} MB  | "
+        if "skipped" in r:
+            line += f"recompute skipped: {r['skipped']}"
+        else:
+            line += (f"recompute {r['fps']:7.2f} fps {r['chunk_ms']:8.0f} ms {r.get('state_mb', 0):7.2f} MB "
+                     f"(peak rss {r.get('peak_rss_mb', 0):.0f} MB) -> cache advantage {r['chunk_ms'] / e['chunk_ms']:.1f}x")
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -191,14 +273,31 @@ def plot(results: dict, path: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    st = results["systems"]["engine"]["stage_ms"]
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4))
+    eng = results["systems"]["engine"]
+    st = dict(eng["stage_ms"])
+    for k, v in eng.get("delivery_ms", {}).items():
+        if isinstance(v, dict):
+            st[k] = v["mean"]
     a.bar(list(st), list(st.values()))
+    a.tick_params(axis="x", rotation=30)
     a.set_ylabel("ms per chunk")
     a.set_title(f"engine stages ({results['device']['name'][:30]})")
-    secs = [s["seconds"] for s in results["scaling"]]
-    b.plot(secs, [s["engine"]["fps"] for s in results["scaling"]], "o-", label="engine (KV cache)")
-    b.plot(secs, [s["recompute"]["fps"] for s in results["scaling"]], "s-", label="recompute (no cache)")
+    sc = results["scaling"]
+    secs = [s["seconds"] for s in sc]
+    rec = [(s["seconds"], s["recompute"]) for s in sc if "skipped" not in s["recompute"]]
+    b.plot(secs, [s["engine"]["fps"] for s in sc], "o-", label="engine (KV cache)")
+    b.plot([x for x, _ in rec], [r["fps"] for _, r in rec], "s-", label="recompute (no cache)")
+    c.plot(secs, [s["engine"].get("state_mb", 0) for s in sc], "o-", label="engine: KV cache")
+    c.plot([x for x, _ in rec], [r.get("state_mb", 0) for _, r in rec], "s-", label="recompute: history")
+    c.plot([x for x, _ in rec], [r.get("peak_rss_mb", 0) for _, r in rec], "^--", label="recompute: peak RSS")
+    c.plot(secs, [s["engine"].get("rss_mb", 0) for s in sc], "v--", label="engine: RSS")
+    c.set_xscale("log")
+    c.set_yscale("log")
+    c.set_xlabel("stream position (s)")
+    c.set_ylabel("MB")
+    c.legend(fontsize=7)
+    c.set_title("memory vs stream length")
     b.axhline(results["model"]["fps"], ls="--", c="gray", label="real time")
     b.set_xscale("log")
     b.set_yscale("log")
@@ -266,7 +365,7 @@ def main(argv=None) -> int:
     except ModelLoadError as e:
         p.error(str(e))
     pr = model.preset
-    secs = a.seconds or ([10, 30] if a.quick else [10, 60, 300])
+    secs = a.seconds or ([10, 30] if a.quick else [10, 60, 300, 600])
     n_params = sum(x.numel() for x in model.transformer.parameters())
     results = {
         "git_sha": git_sha(),
@@ -283,10 +382,16 @@ def main(argv=None) -> int:
     frames = int(10 * pr.fps)  # the side-by-side run: 10 s of video for every system
     print(f"benchmarking {pr.name} ({n_params / 1e6:.1f} M parameters, {pr.width}x{pr.height}) on "
           f"{results['device']['name']}, {a.threads} threads", file=sys.stderr)
-    results["systems"]["engine"], _ = stream_system(model, frames, recompute=False)
+    results["systems"]["engine"], _ = stream_system(model, frames, recompute=False, delivery=True)
     results["systems"]["recompute"], _ = stream_system(model, frames, recompute=True)
+    for name, cfg in engine_configs(pr.cache, model).items():
+        print(f"{name} ...", file=sys.stderr)
+        r, _ = stream_system(model, frames, recompute=False, cache_cfg=cfg, first_runs=3)
+        r["cache"] = {k: getattr(cfg, k) for k in ("sink", "sink_frames", "window_frames", "sparse_topk",
+                                                   "sparse_block", "linear_memory")}
+        results["systems"][name] = r
     results["systems"]["wan_pipeline"] = pipeline_system(a, model, frames)
-    colds = [cold_first_chunk(str(model.path), a.device, dtype) for _ in range(3)]
+    colds = [cold_first_chunk(str(model.path), a.device, dtype) for _ in range(1 if a.quick else 3)]
     results["systems"]["engine"]["cold_first_chunk_ms"] = float(np.median(colds))
     longest = int(max(secs) * pr.fps)
     print(f"streaming {max(secs):.0f} s with the engine ...", file=sys.stderr)
@@ -296,6 +401,7 @@ def main(argv=None) -> int:
         print(f"recompute baseline at {s:.0f} s ...", file=sys.stderr)
         chunks = 2 if s <= 60 else 0
         results["scaling"].append({"seconds": s, "engine": at[m], "recompute": recompute_at(model, m, chunks)})
+    results["scaling_peak_rss_mb"] = peak_mb()
     print(table(results))
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)

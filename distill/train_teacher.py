@@ -9,6 +9,8 @@
 Data: `--clips` rendered clips encoded once by the VAE into `--latents` (made on first use). Each sample's
 prompt is dropped to the empty prompt with probability `--p-uncond` (classifier-free guidance); sigma is
 drawn uniformly and shifted by `--shift` (more weight on high noise, where layout and motion are decided).
+`--latent-lengths` trains some batches on clip prefixes (the causal VAE makes them exact latents of shorter
+clips): most of what a clip teaches is in its first frames, at a fraction of the tokens.
 """
 
 from __future__ import annotations
@@ -34,11 +36,22 @@ from .trainer import Trainer, add_train_args, config_from_args, load_weights, se
 
 
 class TeacherTask:
-    def __init__(self, data: LatentSet, tokenizer: ShapesTextEncoder, p_uncond: float, shift: float, device):
+    """Flow matching on cached latents. With `lengths` (latent frames), each micro-batch trains on the first n
+    latent frames of its clips, n taken from `lengths` in turn (a pure function of the ids: resume stays exact).
+    The VAE encoder is causal, so a prefix of a clip's latents is exactly the latent of the clip's first
+    1 + 4 (n - 1) frames: shorter clips for free, at a cost that falls with the token count."""
+
+    def __init__(self, data: LatentSet, tokenizer: ShapesTextEncoder, p_uncond: float, shift: float, device,
+                 lengths: tuple[int, ...] = ()):
         self.data, self.tok, self.p_uncond, self.shift, self.device = data, tokenizer, p_uncond, shift, device
+        self.lengths = lengths
 
     def batch(self, ids):
-        return self.data.get(ids)
+        prompts, x0 = self.data.get(ids)
+        if self.lengths:
+            n = self.lengths[int(ids[0]) // len(ids) % len(self.lengths)]  # micro-batches cycle through them
+            x0 = x0[:, :, :n]
+        return prompts, x0
 
     def loss(self, model, batch, gen):
         prompts, x0 = batch
@@ -118,6 +131,9 @@ def _main(argv=None) -> int:
     p.add_argument("--latents", default="runs/latents-shapes.safetensors")
     p.add_argument("--clips", type=int, default=4000, help="clips to render and encode when --latents is new")
     p.add_argument("--frames", type=int, default=33, help="video frames per clip (1 + 4k)")
+    p.add_argument("--latent-lengths", type=int, nargs="*", default=[], metavar="N",
+                   help="train each batch on the first N latent frames of its clips, N taken from these in turn "
+                        "(e.g. 5 5 9: two batches in three at 5 frames; default: whole clips)")
     p.add_argument("--p-uncond", type=float, default=0.1)
     p.add_argument("--shift", type=float, default=3.0)
     p.add_argument("--init", metavar="DIR",
@@ -150,11 +166,13 @@ def _main(argv=None) -> int:
         if world > 1:
             torch.distributed.barrier()
     data = LatentSet(lat)
+    if any(not 1 <= n <= data.latents.shape[2] for n in args.latent_lengths):
+        p.error(f"--latent-lengths must lie in 1..{data.latents.shape[2]} (the cached clips' latent frames)")
     teacher = build(args.preset, args.seed)
     if args.init:  # the optimiser starts afresh: a new run folder, not a resume
         teacher.load_state_dict(load_teacher(Path(args.init), args.preset).state_dict(), strict=True)
     teacher = teacher.to(device)
-    task = TeacherTask(data, teacher.text, args.p_uncond, args.shift, device)
+    task = TeacherTask(data, teacher.text, args.p_uncond, args.shift, device, tuple(args.latent_lengths))
     Trainer(teacher, task, config_from_args(args), out, device=device, resume=not args.no_resume,
             quiet=args.quiet).run()
     return 0

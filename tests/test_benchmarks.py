@@ -41,15 +41,30 @@ def test_benchmark_run_on_tiny_writes_every_system(tmp_path, capsys):
     from benchmarks.__main__ import main
 
     out = tmp_path / "r.json"
-    assert main(["--preset", "tiny", "--quick", "--seconds", "2", "--json", str(out)]) == 0
+    assert main(["--preset", "tiny", "--quick", "--seconds", "1", "3", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
-    assert set(r["systems"]) == {"engine", "recompute", "wan_pipeline"}
+    configs = {"engine[sink=none]", "engine[sink=static]", "engine[sparse=0.2]", "engine[linear]",
+               "engine[sparse=0.2+linear]"}  # tiny's default sink is ema: that is `engine`
+    assert set(r["systems"]) == {"engine", "recompute", "wan_pipeline"} | configs
     for name, s in r["systems"].items():
         for key in ("fps", "first_frame_ms", "chunk_ms", "stage_ms", "peak_memory_mb", "oracle"):
             assert key in s, (name, key)
         assert 0 <= s["oracle"] <= 1 and s["fps"] > 0
+    assert r["systems"]["engine[sparse=0.2+linear]"]["cache"]["linear_memory"] is True
     assert r["systems"]["wan_pipeline"]["stage_ms"]["decode"] > 0
-    assert "engine vs wan_pipeline" in capsys.readouterr().out
+    eng = r["systems"]["engine"]
+    steps = r["model"]["steps"]
+    assert list(eng["forward_ms"]) == [f"step_{i + 1}" for i in range(steps)] + ["clean"]
+    assert all(v > 0 for v in eng["forward_ms"].values())
+    for stage in ("jpeg_encode", "h264_encode", "websocket"):
+        assert eng["delivery_ms"][stage]["p95"] >= eng["delivery_ms"][stage]["p50"] > 0
+    assert 0 < eng["fps_streamed"] < eng["fps"]
+    # memory against stream length: the cache is a fixed size, the no-cache history grows with the stream
+    (a, b) = r["scaling"]
+    assert a["engine"]["state_mb"] == b["engine"]["state_mb"] > 0
+    assert b["recompute"]["state_mb"] > a["recompute"]["state_mb"] and b["recompute"]["peak_rss_mb"] > 0
+    printed = capsys.readouterr().out
+    assert "engine vs wan_pipeline" in printed and "websocket loopback" in printed
 
 
 def test_benchmark_skips_the_pipeline_without_a_teacher(tmp_path):
@@ -71,3 +86,55 @@ def test_benchmark_skips_the_pipeline_without_a_teacher(tmp_path):
            "stage_ms": {"denoise": 1.0}, "oracle": 0.5}
     text = table({"model": {"fps": 16}, "systems": {"engine": eng, "wan_pipeline": skipped}, "scaling": []})
     assert "wan_pipeline skipped: no teacher folder" in text and "0.500" in text
+
+
+def test_recompute_is_skipped_where_its_attention_would_not_fit(monkeypatch):
+    import benchmarks.__main__ as bm
+    from engine.folder import load_model_folder
+    from engine.init_model import random_model_folder
+
+    import tempfile
+    from pathlib import Path
+
+    d = Path(tempfile.mkdtemp()) / "m"
+    random_model_folder("tiny", d)
+    model = load_model_folder(d)
+    need = bm.recompute_attention_mb(model, 11)
+    assert bm.recompute_attention_mb(model, 22) > 3.9 * need  # quadratic in the stream length
+    monkeypatch.setattr(bm, "available_mb", lambda: 1e-3)  # a machine with (almost) no memory free
+    r = bm.recompute_at(model, 40, chunks=1)
+    assert "skipped" in r and "GB" in r["skipped"] and r["attention_mb_estimate"] > 0
+    monkeypatch.setattr(bm, "available_mb", lambda: 1e9)
+    assert "skipped" not in bm.recompute_at(model, 40, chunks=1)
+
+
+def test_forward_timer_names_each_forward_and_restores_the_stream():
+    from benchmarks.stages import ForwardTimer
+    from engine.pipeline import VideoGenerator
+    from engine.folder import load_model_folder
+    from engine.init_model import random_model_folder
+
+    import tempfile
+    from pathlib import Path
+
+    d = Path(tempfile.mkdtemp()) / "m"
+    random_model_folder("tiny", d)
+    gen = VideoGenerator(load_model_folder(d))
+    steps = len(gen.stream.sampler_cfg.timesteps)
+    timer = ForwardTimer(gen.stream, steps)
+    chunks = list(gen.run([(0, "a red circle bouncing on a black background")], 20, seed=1))
+    timer.remove()
+    assert {k: len(v) for k, v in timer.times.items()} == {
+        **{f"step_{i + 1}": len(chunks) for i in range(steps)}, "clean": len(chunks) - 1}
+    assert gen.stream.denoise.__func__ is type(gen.stream).denoise
+
+
+def test_delivery_stages_encode_and_carry_every_frame():
+    from benchmarks.stages import delivery, websocket_ms
+
+    rng = np.random.default_rng(0)
+    chunks = [rng.integers(0, 255, (n, 37, 29, 3), dtype=np.uint8) for n in (3, 4, 4)]  # odd sizes: h264 pads
+    d = delivery(chunks, 16)
+    assert all(d[k]["mean"] > 0 for k in ("jpeg_encode", "h264_encode", "websocket"))
+    assert d["jpeg_kb_per_frame"] > 0 and d["h264_kbit_per_s"] > 0
+    assert len(websocket_ms(chunks)) == 3

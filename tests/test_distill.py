@@ -236,3 +236,28 @@ def test_vae_stream_evaluation_on_a_short_stream():
     assert res["seconds"] == 11.0 and res["clips"] == 1
     assert all(0.0 <= res[f"{w}_10s_oracle"] <= 1.0 for w in ("first", "last"))
     assert all(0.0 < res[f"{w}_10s_psnr_db"] < 40.0 for w in ("first", "last"))  # an untrained VAE is no copy
+
+
+def test_teacher_latent_prefixes_are_the_latents_of_shorter_clips():
+    """--latent-lengths trains on latent prefixes: with the causal VAE the first n latent frames of a clip are
+    exactly the latents of its first 1 + 4 (n - 1) frames, and micro-batches take the lengths in turn."""
+    from distill.data import ShapesClips
+    from distill.train_teacher import TeacherTask
+    from engine.vae import VideoVAE
+
+    preset = get_preset("tiny")
+    vae = VideoVAE.from_config(preset.vae, seed=5)
+    _, video = ShapesClips(preset.width, preset.height, 13, seed=4).videos([0, 1])
+    with torch.no_grad():
+        whole, short = vae.encode(video), vae.encode(video[:, :, :5])
+    assert whole.shape[2] == 4 and short.shape[2] == 2
+    torch.testing.assert_close(whole[:, :, :2], short, atol=1e-5, rtol=1e-4)
+
+    class Data:
+        def get(self, ids):
+            return [str(i) for i in ids], torch.zeros(len(ids), 2, 9, 4, 4)
+
+    task = TeacherTask(Data(), None, 0.1, 3.0, "cpu", lengths=(5, 5, 9))
+    got = [task.batch(list(range(s * 4, s * 4 + 4)))[1].shape[2] for s in range(6)]
+    assert got == [5, 5, 9, 5, 5, 9]
+    assert TeacherTask(Data(), None, 0.1, 3.0, "cpu").batch([0, 1])[1].shape[2] == 9
