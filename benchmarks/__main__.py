@@ -93,7 +93,7 @@ def stream_system(model, frames: int, recompute: bool, seed: int = 0, marks=(), 
     gen = VideoGenerator(model, recompute=recompute, cache_cfg=cache_cfg)
     gen.warmup()
     timer = ForwardTimer(gen.stream, len(gen.stream.sampler_cfg.timesteps), lambda: _sync(gen.device))
-    chunks_ms, stages, ends, video = [], {}, [], []
+    chunks_ms, stages, ends, video, rss = [], {}, [], [], {}
     t0 = time.perf_counter()
     first = None
     tc = t0
@@ -105,21 +105,20 @@ def stream_system(model, frames: int, recompute: bool, seed: int = 0, marks=(), 
             first = (now - t0) * 1000
         for k, v in c.timings_ms.items():
             stages.setdefault(k, []).append(v)
-        ends.append((c.first_frame + len(c.frames), len(c.frames)))
-        if c.first_frame + len(c.frames) in marks:
-            stages.setdefault("_rss", {})[c.first_frame + len(c.frames)] = rss_mb()
+        end = c.first_frame + len(c.frames)
+        ends.append((end, len(c.frames)))
+        for m in marks:  # resident memory as the stream passes each mark
+            if end >= m and m not in rss:
+                rss[m] = rss_mb()
         if score or delivery:
             video.append(c.frames)
     total = time.perf_counter() - t0
     timer.remove()
-    rss = stages.pop("_rss", {})
     at = {}
     full = ends[min(1, len(ends) - 1)][1]  # frames of a whole chunk (the first one is shorter)
     for m in marks:  # speed at a stream position: median over the last 25 whole chunks that end by it
         ms = float(np.median([chunks_ms[i] for i, (end, n) in enumerate(ends) if end <= m and n == full][-25:]))
-        near = min(rss, key=lambda e: abs(e - m)) if rss else None
-        at[m] = {"chunk_ms": ms, "fps": full / (ms / 1000), "rss_mb": rss.get(near, rss_mb()),
-                 "state_mb": state_mb(gen.stream)}
+        at[m] = {"chunk_ms": ms, "fps": full / (ms / 1000), "rss_mb": rss[m], "state_mb": state_mb(gen.stream)}
     firsts = [first]
     for rep in range(first_runs - 1):  # first-chunk latency is noisy on a shared CPU: the median of fresh starts
         t0 = time.perf_counter()

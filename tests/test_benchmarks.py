@@ -62,6 +62,7 @@ def test_benchmark_run_on_tiny_writes_every_system(tmp_path, capsys):
     # memory against stream length: the cache is a fixed size, the no-cache history grows with the stream
     (a, b) = r["scaling"]
     assert a["engine"]["state_mb"] == b["engine"]["state_mb"] > 0
+    assert a["engine"]["rss_mb"] > 0 and b["engine"]["rss_mb"] > 0
     assert b["recompute"]["state_mb"] > a["recompute"]["state_mb"] and b["recompute"]["peak_rss_mb"] > 0
     printed = capsys.readouterr().out
     assert "engine vs wan_pipeline" in printed and "websocket loopback" in printed
