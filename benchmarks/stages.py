@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 
 class ForwardTimer:
@@ -31,7 +32,7 @@ class ForwardTimer:
         out = self._inner(x, t)
         self.sync()
         ms = (time.perf_counter() - t0) * 1000
-        if float(t if not hasattr(t, "reshape") else t.reshape(-1)[0]) == 0.0:
+        if float(torch.as_tensor(t).reshape(-1)[0]) == 0.0:  # a float or a [B] tensor
             name = "clean"
         else:
             name = f"step_{self._k % self.steps + 1}"
