@@ -542,6 +542,15 @@ def adherence(videos: list[tuple[np.ndarray, str]]) -> float:
     return float(np.mean([score_video(v, p).score for v, p in videos])) if videos else float("nan")
 
 
+def check_means(reports: list[Report]) -> dict[str, float]:
+    """Mean of each kind of check over reports ("obj2.colour" counts as "colour"): what a model gets wrong."""
+    kinds: dict[str, list[float]] = {}
+    for r in reports:
+        for name, v in r.checks.items():
+            kinds.setdefault(name.split(".")[-1], []).append(v)
+    return {k: round(sum(v) / len(v), 3) for k, v in kinds.items()}
+
+
 # ---- command line -----------------------------------------------------------------------------------
 
 

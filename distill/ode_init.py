@@ -165,7 +165,7 @@ def evaluate_engine(model_path, n: int = 50, seconds: float = 2.0, stream_second
     and last 10 s."""
     import numpy as np
 
-    from benchmarks.oracle import score_video
+    from benchmarks.oracle import check_means, score_video
     from engine.pipeline import VideoGenerator
 
     gen = VideoGenerator(load_model_folder(model_path))
@@ -175,10 +175,10 @@ def evaluate_engine(model_path, n: int = 50, seconds: float = 2.0, stream_second
     def video(prompt, frames, s):
         return np.concatenate([c.frames for c in gen.run([(0, prompt)], frames, seed=s)])
 
-    scores = [score_video(video(p, int(seconds * gen.fps), seed + i), p).score
-              for i, p in enumerate(tqdm(prompts, desc="eval prompts", disable=quiet))]
+    reports = [score_video(video(p, int(seconds * gen.fps), seed + i), p)
+               for i, p in enumerate(tqdm(prompts, desc="eval prompts", disable=quiet))]
     res = {"model": str(model_path), "prompts": n, "seconds": seconds, "steps": len(gen.stream.sampler_cfg.timesteps),
-           "adherence": sum(scores) / max(n, 1)}
+           "adherence": sum(r.score for r in reports) / max(n, 1), "checks": check_means(reports)}
     if stream_seconds:
         p, w = prompts[0], 10 * gen.fps
         v = video(p, int(stream_seconds * gen.fps), seed)

@@ -31,8 +31,12 @@ class Teacher(nn.Module):
         return cls(tr, text)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """x [B, C, F, h, w] noisy latents, t [B] in 0..1000, ids/lengths from text._tokenize -> v [B, C, F, h, w]."""
+        """x [B, C, F, h, w] noisy latents, t [B] or per frame [B, F] in 0..1000, ids/lengths from
+        text._tokenize -> v [B, C, F, h, w]."""
         emb = self.text(ids, lengths)
+        if t.ndim == 2:  # diffusers takes per-token timesteps [B, F * tokens per frame] (Wan 2.2's TI2V path)
+            _, ph, pw = self.transformer.config.patch_size
+            t = t.repeat_interleave((x.shape[3] // ph) * (x.shape[4] // pw), dim=1)
         return self.transformer(x, t, encoder_hidden_states=emb, return_dict=False)[0]
 
 

@@ -5,12 +5,15 @@
     python -m distill.train_teacher --out runs/teacher --eval 50                    # oracle adherence
     python -m distill.train_teacher --out assets/shapes-teacher --eval 50           # same, exported folder
     python -m distill.train_teacher --out runs/teacher2 --init assets/shapes-teacher  # go on from an export
+    python -m distill.train_teacher --out assets/shapes-teacher --probe 24          # which prompt words it uses
 
 Data: `--clips` rendered clips encoded once by the VAE into `--latents` (made on first use). Each sample's
 prompt is dropped to the empty prompt with probability `--p-uncond` (classifier-free guidance); sigma is
 drawn uniformly and shifted by `--shift` (more weight on high noise, where layout and motion are decided).
 `--latent-lengths` trains some batches on clip prefixes (the causal VAE makes them exact latents of shorter
-clips): most of what a clip teaches is in its first frames, at a fraction of the tokens.
+clips): most of what a clip teaches is in its first frames, at a fraction of the tokens. `--p-context` keeps
+the first latent frames of some samples clean (per-frame timesteps, scored on the noisy rest): the streaming
+student's setting, where the motion words decide what comes next.
 """
 
 from __future__ import annotations
@@ -42,9 +45,9 @@ class TeacherTask:
     1 + 4 (n - 1) frames: shorter clips for free, at a cost that falls with the token count."""
 
     def __init__(self, data: LatentSet, tokenizer: ShapesTextEncoder, p_uncond: float, shift: float, device,
-                 lengths: tuple[int, ...] = ()):
+                 lengths: tuple[int, ...] = (), p_context: float = 0.0):
         self.data, self.tok, self.p_uncond, self.shift, self.device = data, tokenizer, p_uncond, shift, device
-        self.lengths = lengths
+        self.lengths, self.p_context = lengths, p_context
 
     def batch(self, ids):
         prompts, x0 = self.data.get(ids)
@@ -60,11 +63,24 @@ class TeacherTask:
         ids, lengths = self.tok._tokenize(["" if d else p for p, d in zip(prompts, drop.tolist())])
         sigma = shift_sigma(torch.rand(B, generator=gen), self.shift)
         eps = torch.randn(x0.shape, generator=gen)
-        s = sigma.view(B, 1, 1, 1, 1)
+        nf = x0.shape[2]
+        if not self.p_context or nf < 2:
+            s = sigma.view(B, 1, 1, 1, 1)
+            xt = ((1 - s) * x0 + s * eps).to(self.device)
+            v = model(xt, (sigma * 1000).to(self.device), ids.to(self.device), lengths.to(self.device))
+            return F.mse_loss(v, (eps - x0).to(self.device)), {}
+        # Clean context: a sample with probability p_context keeps its first n frames clean (sigma 0, n drawn
+        # from 1..F-1) and is scored on the rest. Knowing where the objects were, the later frames depend on
+        # the direction and speed words, a signal that whole-clip noise hardly gives (at high sigma the mean
+        # over start positions is the same for every direction). It is also the student's streaming setting.
+        n_ctx = torch.randint(1, nf, (B,), generator=gen) * (torch.rand(B, generator=gen) < self.p_context)
+        sf = sigma[:, None] * (torch.arange(nf)[None, :] >= n_ctx[:, None])  # [B, F] per-frame sigma
+        s = sf.view(B, 1, nf, 1, 1)
         xt = ((1 - s) * x0 + s * eps).to(self.device)
-        v = model(xt, (sigma * 1000).to(self.device), ids.to(self.device), lengths.to(self.device))
-        loss = F.mse_loss(v, (eps - x0).to(self.device))
-        return loss, {}
+        v = model(xt, (sf * 1000).to(self.device), ids.to(self.device), lengths.to(self.device))
+        w = (s > 0).to(self.device, v.dtype)  # the loss counts the noisy frames only
+        err = (v - (eps - x0).to(self.device)).square() * w
+        return err.sum() / (w.sum() * x0.shape[1] * x0.shape[3] * x0.shape[4]), {}
 
 
 def build(preset_name: str, seed: int = 0) -> Teacher:
@@ -111,15 +127,55 @@ def generate(teacher: Teacher, vae: VideoVAE, prompts: list[str], latent_frames:
 def evaluate(teacher: Teacher, vae: VideoVAE, preset, n: int, frames: int, steps: int, guidance: float,
              shift: float, seed: int = 1234) -> dict:
     """Oracle adherence of the teacher on n random prompts (fresh seed)."""
-    from benchmarks.oracle import score_video
+    from benchmarks.oracle import check_means, score_video
 
     rng = random.Random(seed)
     prompts = [sample_prompt(rng) for _ in range(n)]
     videos = generate(teacher, vae, prompts, (frames - 1) // vae.temporal + 1, preset.latent_hw, seed, steps,
                       guidance, shift)
-    scores = [score_video(v, p).score for v, p in zip(videos, prompts)]
-    return {"adherence": sum(scores) / n, "prompts": n, "frames": frames, "steps": steps, "guidance": guidance,
-            "shift": shift}
+    reports = [score_video(v, p) for v, p in zip(videos, prompts)]
+    return {"adherence": sum(r.score for r in reports) / n, "checks": check_means(reports), "prompts": n,
+            "frames": frames, "steps": steps, "guidance": guidance, "shift": shift}
+
+
+@torch.no_grad()
+def prompt_probe(teacher: Teacher, data: LatentSet, n: int = 24, sigmas=(0.9, 0.6, 0.3), seed: int = 0) -> dict:
+    """Does the teacher use each word of the prompt? On n one-object clips that move left/right/up/down, its
+    flow-matching loss at fixed sigmas with the clip's own prompt and with one word swapped (colour, shape,
+    direction) or the empty prompt; also with the first latent frame clean (a context: where the object was),
+    where a direction the model follows should matter most. A word it ignores leaves the loss unchanged."""
+    from .shapes import DIRECTIONS, OBJECT_COLOURS, SHAPES, parse_prompt
+
+    def swap(words, pool):  # the first word of `pool` in the prompt -> the next one in the pool
+        w = next(w for w in words if w in pool)
+        return [pool[(pool.index(w) + 1) % len(pool)] if x == w else x for x in words]
+
+    ids = [i for i, p in enumerate(data.prompts)
+           if len(parse_prompt(p).objects) == 1 and parse_prompt(p).objects[0].motion in DIRECTIONS][:n]
+    prompts, x0 = data.get(ids)
+    variants = {"right": prompts, "colour swapped": [], "shape swapped": [], "direction swapped": [],
+                "empty": [""] * len(ids)}
+    for p in prompts:
+        w = p.split()
+        variants["colour swapped"].append(" ".join(swap(w, list(OBJECT_COLOURS))))
+        variants["shape swapped"].append(" ".join(swap(w, list(SHAPES))))
+        variants["direction swapped"].append(" ".join(swap(w, list(DIRECTIONS))))
+    g = torch.Generator().manual_seed(seed)
+    eps = torch.randn(x0.shape, generator=g)
+    out = {}
+    for ctx in (0, 1):
+        for sig in sigmas:
+            sf = torch.full((len(ids), x0.shape[2]), sig)
+            sf[:, :ctx] = 0.0
+            s = sf[:, None, :, None, None]
+            xt, keep = (1 - s) * x0 + s * eps, (s > 0).float()
+            row = {}
+            for name, ps in variants.items():
+                tok, lengths = teacher.text._tokenize(ps)
+                err = (teacher(xt, sf * 1000, tok, lengths) - (eps - x0)).square() * keep
+                row[name] = round(float(err.sum() / (keep.sum() * x0[0, :, 0].numel())), 4)
+            out[f"{'context 1, ' if ctx else ''}sigma {sig}"] = row
+    return {"clips": len(ids), "loss": out}
 
 
 def _main(argv=None) -> int:
@@ -136,10 +192,15 @@ def _main(argv=None) -> int:
                         "(e.g. 5 5 9: two batches in three at 5 frames; default: whole clips)")
     p.add_argument("--p-uncond", type=float, default=0.1)
     p.add_argument("--shift", type=float, default=3.0)
+    p.add_argument("--p-context", type=float, default=0.0,
+                   help="fraction of samples whose first 1..F-1 latent frames stay clean (context); the loss "
+                        "counts the noisy rest (teaches the motion words)")
     p.add_argument("--init", metavar="DIR",
                    help="start from these weights (an exported teacher or a run folder's EMA) instead of random")
     p.add_argument("--export", metavar="DIR", help="write transformer/ and text_encoder/ folders")
     p.add_argument("--eval", type=int, metavar="N", help="oracle adherence of N random prompts")
+    p.add_argument("--probe", type=int, metavar="N",
+                   help="loss with each prompt word swapped on N one-object clips of --latents: which words it uses")
     p.add_argument("--steps-sample", type=int, default=30)
     p.add_argument("--guidance", type=float, default=4.0)
     args = p.parse_args(argv)
@@ -147,8 +208,10 @@ def _main(argv=None) -> int:
     out = Path(args.out)
     if args.init and not Path(args.init).is_dir():
         p.error(f"--init {args.init}: no such folder")
-    if args.export or args.eval:
+    if args.export or args.eval or args.probe:
         teacher = load_teacher(out, args.preset)
+        if args.probe:
+            print(json.dumps(prompt_probe(teacher, LatentSet(args.latents), args.probe)))
         if args.export:
             export_teacher(teacher, Path(args.export))
             print(args.export)
@@ -166,13 +229,16 @@ def _main(argv=None) -> int:
         if world > 1:
             torch.distributed.barrier()
     data = LatentSet(lat)
+    if not 0.0 <= args.p_context <= 1.0:
+        p.error(f"--p-context {args.p_context}: must lie in [0, 1]")
     if any(not 1 <= n <= data.latents.shape[2] for n in args.latent_lengths):
         p.error(f"--latent-lengths must lie in 1..{data.latents.shape[2]} (the cached clips' latent frames)")
     teacher = build(args.preset, args.seed)
     if args.init:  # the optimiser starts afresh: a new run folder, not a resume
         teacher.load_state_dict(load_teacher(Path(args.init), args.preset).state_dict(), strict=True)
     teacher = teacher.to(device)
-    task = TeacherTask(data, teacher.text, args.p_uncond, args.shift, device, tuple(args.latent_lengths))
+    task = TeacherTask(data, teacher.text, args.p_uncond, args.shift, device, tuple(args.latent_lengths),
+                       args.p_context)
     Trainer(teacher, task, config_from_args(args), out, device=device, resume=not args.no_resume,
             quiet=args.quiet).run()
     return 0

@@ -261,3 +261,81 @@ def test_teacher_latent_prefixes_are_the_latents_of_shorter_clips():
     got = [task.batch(list(range(s * 4, s * 4 + 4)))[1].shape[2] for s in range(6)]
     assert got == [5, 5, 9, 5, 5, 9]
     assert TeacherTask(Data(), None, 0.1, 3.0, "cpu").batch([0, 1])[1].shape[2] == 9
+
+
+@pytest.mark.parametrize("seed", [2, 3])
+def test_teacher_clean_context_frames_are_clean_and_unscored(seed):
+    """--p-context: a sample keeps its first n latent frames clean (x_0 at timestep 0) and the loss averages the
+    squared error over its noisy frames only; per-frame timesteps that are all equal match a scalar one."""
+    from distill.train_teacher import TeacherTask
+    from engine.text import ShapesTextConfig, ShapesTextEncoder
+
+    preset = get_preset("tiny")
+    teacher = _randomise(Teacher.from_preset(preset, seed=seed), seed).eval()
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 3, 4, 6, generator=g)  # odd latent sizes
+    ids, lengths = teacher.text._tokenize(["a red circle moving left on a black background", ""])
+    t = torch.tensor([300.0, 700.0])
+    torch.testing.assert_close(teacher(x, t[:, None].expand(2, 3), ids, lengths), teacher(x, t, ids, lengths),
+                               atol=1e-5, rtol=1e-4)
+
+    x0 = torch.randn(6, 4, 5, 4, 4, generator=g)
+
+    class Data:
+        def get(self, ids):
+            return ["a red circle moving left on a black background"] * len(ids), x0[: len(ids)]
+
+    seen = {}
+
+    def model(xt, tt, ids, lengths):  # predicts v = 0: the loss is then the mean of (eps - x0)^2 it scores
+        seen.update(xt=xt, t=tt)
+        return torch.zeros_like(xt)
+
+    tok = ShapesTextEncoder(ShapesTextConfig(dim=preset.model.text_dim))
+    task = TeacherTask(Data(), tok, 0.0, 3.0, "cpu", p_context=1.0)
+    loss, _ = task.loss(model, task.batch(range(6)), torch.Generator().manual_seed(seed))
+    tt = seen["t"]
+    assert tt.shape == (6, 5)
+    clean = tt == 0
+    n_ctx = clean.sum(1)
+    assert ((n_ctx >= 1) & (n_ctx <= 4)).all() and (clean == (torch.arange(5) < n_ctx[:, None])).all()
+    assert len(set(n_ctx.tolist())) > 1  # the context length varies across samples
+    cm = clean[:, None, :, None, None].expand_as(x0)
+    torch.testing.assert_close(seen["xt"][cm], x0[cm], rtol=0, atol=0)
+    s = (tt / 1000).view(6, 1, 5, 1, 1)
+    eps = (seen["xt"] - (1 - s) * x0) / s.clamp_min(1e-12)  # recovered noise on the noisy frames
+    torch.testing.assert_close(loss, (eps - x0)[~cm].square().mean(), atol=1e-4, rtol=1e-4)
+
+    plain = TeacherTask(Data(), tok, 0.0, 3.0, "cpu")  # without the flag: one scalar timestep per sample
+    plain.loss(model, plain.batch(range(6)), torch.Generator().manual_seed(seed))
+    assert seen["t"].shape == (6,)
+
+
+def test_prompt_probe_tells_a_used_word_from_an_ignored_one():
+    """--probe swaps one prompt word at a time: the loss moves when the teacher reads the prompt and stays put,
+    to the last digit, when its cross-attention is cut off."""
+    from distill.train_teacher import prompt_probe
+
+    preset = get_preset("tiny")
+    teacher = _randomise(Teacher.from_preset(preset, seed=7), 7).eval()
+    g = torch.Generator().manual_seed(8)
+
+    class Data:
+        prompts = ["a red circle moving left on a black background", "a blue square bouncing on a white background",
+                   "a small green triangle moving up slowly on a gray background",
+                   "a red circle moving down and a blue square moving up on a black background"]
+        latents = torch.randn(4, 4, 3, 4, 4, generator=g)
+
+        def get(self, ids):
+            return [self.prompts[i] for i in ids], self.latents[list(ids)]
+
+    res = prompt_probe(teacher, Data(), n=8, sigmas=(0.8,))
+    assert res["clips"] == 2  # one object, moving in a direction
+    assert set(res["loss"]) == {"sigma 0.8", "context 1, sigma 0.8"}
+    row = res["loss"]["sigma 0.8"]
+    assert set(row) == {"right", "colour swapped", "shape swapped", "direction swapped", "empty"}
+    assert all(row[k] != row["right"] for k in row if k != "right")
+    for blk in teacher.transformer.blocks:  # cut the text off: every variant scores the same
+        torch.nn.init.zeros_(blk.attn2.to_out[0].weight), torch.nn.init.zeros_(blk.attn2.to_out[0].bias)
+    for row in prompt_probe(teacher, Data(), n=8, sigmas=(0.8,))["loss"].values():
+        assert len(set(row.values())) == 1

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from benchmarks.oracle import Report, adherence, analyse, score_stream, score_video, score_windows
+from benchmarks.oracle import Report, adherence, check_means, analyse, score_stream, score_video, score_windows
 from distill.shapes import (BACKGROUNDS, OBJECT_COLOURS, SHAPES, ObjectSpec, PromptError, PromptSpec, Scene,
                             parse_prompt, sample_spec)
 
@@ -85,6 +85,10 @@ def test_report_contents():
     assert (o2["colour"], o2["shape"], o2["size"], o2["direction"]) == ("magenta", "circle", "medium", "up")
     assert o2["speed_class"] == "slowly" and abs(o2["speed"] - 0.010) < 0.002
     assert adherence([(render(p), p), (render(p), "a red square moving left on a black background")]) < 0.8
+    wrong = score_video(render(p, 72, 56, seed=3), p.replace("magenta circle", "red circle"))
+    means = check_means([rep, wrong])  # per kind of check, over both objects of both reports
+    assert set(means) == {"background", "objects", "colour", "shape", "size", "motion", "speed", "temporal"}
+    assert means["background"] == 1.0 and means["colour"] == 0.75  # 4 colour checks, one wrong
 
 
 def test_wrap_around_is_one_object():
