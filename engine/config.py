@@ -213,8 +213,8 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-# Candidate successor of `shapes` (issue 3), differing in patches and width: 2x2 patches, so a token covers 8x8 px and a
-# frame has 64 tokens, at half the width (2.3 M parameters against 9.1 M). Its teacher reaches a lower
+# Candidate successor of `shapes` (issue 3), differing in patches and width: 2x2 patches, so a token covers
+# 8x8 px and a frame has 64 tokens, at half the width (2.3 M parameters against 9.1 M). Its teacher reaches a lower
 # flow-matching loss per second of CPU than the 4x4-patch one (README, training the built-in model); it
 # replaces `shapes` once its teacher and student score higher.
 PRESETS["shapes-p2"] = PRESETS["shapes"].replace(name="shapes-p2", model=dataclasses.replace(
