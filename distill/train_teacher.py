@@ -75,12 +75,17 @@ class TeacherTask:
         # over start positions is the same for every direction). It is also the student's streaming setting.
         n_ctx = torch.randint(1, nf, (B,), generator=gen) * (torch.rand(B, generator=gen) < self.p_context)
         sf = sigma[:, None] * (torch.arange(nf)[None, :] >= n_ctx[:, None])  # [B, F] per-frame sigma
-        s = sf.view(B, 1, nf, 1, 1)
-        xt = ((1 - s) * x0 + s * eps).to(self.device)
-        v = model(xt, (sf * 1000).to(self.device), ids.to(self.device), lengths.to(self.device))
-        w = (s > 0).to(self.device, v.dtype)  # the loss counts the noisy frames only
-        err = (v - (eps - x0).to(self.device)).square() * w
-        return err.sum() / (w.sum() * x0.shape[1] * x0.shape[3] * x0.shape[4]), {}
+        return noisy_frames_loss(model, x0, eps, sf, ids, lengths, self.device), {}
+
+
+def noisy_frames_loss(model, x0, eps, sf, ids, lengths, device="cpu") -> torch.Tensor:
+    """Flow-matching MSE at per-frame sigmas sf [B, F]: frames at sigma 0 go in clean and are not scored."""
+    s = sf.view(*sf.shape[:1], 1, sf.shape[1], 1, 1)
+    xt = ((1 - s) * x0 + s * eps).to(device)
+    v = model(xt, (sf * 1000).to(device), ids.to(device), lengths.to(device))
+    w = (s > 0).to(device, v.dtype)
+    err = (v - (eps - x0).to(device)).square() * w
+    return err.sum() / (w.sum() * x0.shape[1] * x0.shape[3] * x0.shape[4])
 
 
 def build(preset_name: str, seed: int = 0) -> Teacher:
@@ -167,14 +172,9 @@ def prompt_probe(teacher: Teacher, data: LatentSet, n: int = 24, sigmas=(0.9, 0.
         for sig in sigmas:
             sf = torch.full((len(ids), x0.shape[2]), sig)
             sf[:, :ctx] = 0.0
-            s = sf[:, None, :, None, None]
-            xt, keep = (1 - s) * x0 + s * eps, (s > 0).float()
-            row = {}
-            for name, ps in variants.items():
-                tok, lengths = teacher.text._tokenize(ps)
-                err = (teacher(xt, sf * 1000, tok, lengths) - (eps - x0)).square() * keep
-                row[name] = round(float(err.sum() / (keep.sum() * x0[0, :, 0].numel())), 4)
-            out[f"{'context 1, ' if ctx else ''}sigma {sig}"] = row
+            out[f"{'context 1, ' if ctx else ''}sigma {sig}"] = {
+                name: round(float(noisy_frames_loss(teacher, x0, eps, sf, *teacher.text._tokenize(ps))), 4)
+                for name, ps in variants.items()}
     return {"clips": len(ids), "loss": out}
 
 
