@@ -239,9 +239,16 @@ def rope_range(head_dim: int, n_frames: int, h: int, w: int, device: str):
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x [B, L, H, D]; pairs (x[2i], x[2i+1]) rotate by angle i; math in fp32, result in x's dtype.
+    return _ROPE["fn"](x, cos, sin)
+
+
+def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
     out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
     return out.type_as(x)
+
+
+_ROPE = {"fn": rope_reference}  # engine.accel.compile_blocks swaps in a compiled (fused) version
 
 
 # ---- contexts ------------------------------------------------------------------------------------

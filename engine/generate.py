@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--sink", choices=["none", "static", "ema"], help="override the model's sink policy")
     p.add_argument("--window", type=int, metavar="LATENT_FRAMES", help="override the rolling window length")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the transformer blocks' tensor work (engine/accel.py; costs seconds at start)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay the steady-state chunk forward as CUDA graphs (CUDA, dense attention)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -72,6 +76,8 @@ def main(argv=None) -> int:
     device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
+    if a.cuda_graphs and device != "cuda":
+        parser.error("--cuda-graphs needs a CUDA device (--device cuda)")
     dtype = getattr(torch, a.dtype)
 
     t_load = time.perf_counter()
@@ -96,7 +102,11 @@ def main(argv=None) -> int:
     except ValueError as e:
         parser.error(f"--out: {e}")
 
-    gen = VideoGenerator(model, cache_cfg=cache_cfg)
+    if a.compile:
+        from .accel import compile_blocks
+
+        compile_blocks()
+    gen = VideoGenerator(model, cache_cfg=cache_cfg, cuda_graphs=a.cuda_graphs)
     gen.warmup()
     t_load = time.perf_counter() - t_load
     prompts = list(zip([0] + a.switch_at, a.prompt))

@@ -138,26 +138,37 @@ class Block(nn.Module):
 
     def forward(self, x, mod, text_kv, ctx: AttnContext, layer: int):
         # x [B, L, dim]; mod [B, L or 1, 6, dim] fp32; text_kv = (k, v) [B, Lt, H, D]
-        shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table.unsqueeze(0) + mod.float()).unbind(2)
-
-        # 1. Self-attention (the context decides what is visible and where it sits)
-        h = (self.norm1(x.float()) * (1 + scale) + shift).type_as(x)
-        q, k, v = self.attn1.qkv(h)
+        # The attention context (cache bookkeeping, RoPE, the attention call) runs between two pure tensor
+        # functions, which `engine.accel.compile_blocks` may swap for compiled versions.
+        q, k, v, mods = _STAGES["pre"](self, x, mod)
         o = ctx.attend(layer, q, k, v)
         if self.attn1.mem_proj is not None and hasattr(ctx, "memory_readout"):
             r = ctx.memory_readout(layer, q)  # linear memory of evicted tokens, or None while it is empty
             if r is not None:
                 o = o + self.attn1.mem_proj(r.type_as(o))
-        a = self.attn1.out(o.type_as(h))
-        x = (x.float() + a * gate).type_as(x)
+        return _STAGES["post"](self, x, o, mods, text_kv)
 
-        # 2. Cross-attention to the prompt (K/V cached per prompt)
-        h = self.norm2(x.float()).type_as(x)
-        x = x + self.attn2.out(attention(self.attn2.q(h), *text_kv).type_as(h))
 
-        # 3. Feed-forward
-        h = (self.norm3(x.float()) * (1 + c_scale) + c_shift).type_as(x)
-        return (x.float() + self.ffn(h).float() * c_gate).type_as(x)
+def block_pre(blk: Block, x, mod):
+    """Modulated norm and self-attention projections -> un-roped q, k, v [B, L, H, D] and the other modulations."""
+    shift, scale, gate, c_shift, c_scale, c_gate = (blk.scale_shift_table.unsqueeze(0) + mod.float()).unbind(2)
+    h = (blk.norm1(x.float()) * (1 + scale) + shift).type_as(x)
+    q, k, v = blk.attn1.qkv(h)
+    return q, k, v, (gate, c_shift, c_scale, c_gate)
+
+
+def block_post(blk: Block, x, o, mods, text_kv):
+    """Self-attention output projection, cross-attention to the prompt (K/V cached per prompt), feed-forward."""
+    gate, c_shift, c_scale, c_gate = mods
+    a = blk.attn1.out(o.type_as(x))
+    x = (x.float() + a * gate).type_as(x)
+    h = blk.norm2(x.float()).type_as(x)
+    x = x + blk.attn2.out(attention(blk.attn2.q(h), *text_kv).type_as(h))
+    h = (blk.norm3(x.float()) * (1 + c_scale) + c_shift).type_as(x)
+    return (x.float() + blk.ffn(h).float() * c_gate).type_as(x)
+
+
+_STAGES = {"pre": block_pre, "post": block_post}  # engine.accel.compile_blocks replaces these
 
 
 class CausalWanModel(nn.Module):

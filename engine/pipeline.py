@@ -37,12 +37,13 @@ def _sync(device):
 
 
 class VideoGenerator:
-    def __init__(self, model: LoadedModel, *, cache_cfg=None, sampler_cfg=None, recompute=False, decode=True):
+    def __init__(self, model: LoadedModel, *, cache_cfg=None, sampler_cfg=None, recompute=False, decode=True,
+                 cuda_graphs=False):
         self.m = model
         self.preset = model.preset
         self.device = model.transformer.proj_out.weight.device
         self.stream = Stream(model.transformer, model.preset, cache_cfg=cache_cfg, sampler_cfg=sampler_cfg,
-                             recompute=recompute)
+                             recompute=recompute, cuda_graphs=cuda_graphs)
         self.decode = decode
 
     @property

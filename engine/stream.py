@@ -29,7 +29,7 @@ from .sampler import sample
 
 class Stream:
     def __init__(self, model: CausalWanModel, preset: Preset, *, batch: int = 1, recompute: bool = False,
-                 cache_cfg=None, sampler_cfg=None):
+                 cache_cfg=None, sampler_cfg=None, cuda_graphs: bool = False):
         self.model, self.preset = model, preset
         self.cache_cfg = cache_cfg or preset.cache
         self.sampler_cfg = sampler_cfg or preset.sampler
@@ -43,6 +43,12 @@ class Stream:
             self.cache_cfg, num_layers=model.cfg.num_layers, batch=batch, heads=model.cfg.num_attention_heads,
             head_dim=model.cfg.attention_head_dim, grid_hw=(h // ph, w // pw), device=self.device, dtype=self.dtype)
         self.text_kv = None
+        # CUDA-graph replay of the steady-state forward (engine/accel.py); a no-op off CUDA
+        self.graphs = None
+        if cuda_graphs and self.cache is not None and self.device.type == "cuda":
+            from .accel import GraphedForward
+
+            self.graphs = GraphedForward(self)
         self.reset()
 
     def reset(self):
@@ -93,6 +99,8 @@ class Stream:
         """One forward of the current chunk x [B, C, F, h, w] at timestep t -> flow prediction v."""
         if self.text_kv is None:
             raise RuntimeError("set_prompt() before generating")
+        if self.graphs is not None and self.graphs.usable(x, t):
+            return self.graphs(x, t)
         tt = torch.as_tensor(t, dtype=torch.float32, device=self.device).reshape(-1).expand(self.batch)
         if self.cache is not None:
             return self.model(x, tt, text_kv=self.text_kv, ctx=self.cache)

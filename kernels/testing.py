@@ -12,6 +12,9 @@ from .block_sparse import BlockTable
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+# Kernel dtypes under test: the interpreter (CPU) handles fp32 and fp16; compiled Triton (CUDA) bf16 too.
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+DTYPE_IDS = ["fp32", "fp16", "bf16"][: len(DTYPES)]
 
 # The interpreter's fp32 dots are exact IEEE; CUDA's default fp32 dot is tf32.
 TOL = {

@@ -17,7 +17,7 @@ from engine.attention import attention, available_backends, force_backend
 from kernels._common import poison_outputs
 from kernels.block_sparse import (BlockTable, block_sparse_attention, block_sparse_attention_torch,
                                   dense_masked_attention, key_blocks_covering, select_blocks)
-from kernels.testing import DEVICE, HAS_TRITON, TOL, bhld, fresh_seed, random_table
+from kernels.testing import DEVICE, DTYPES, DTYPE_IDS, HAS_TRITON, TOL, bhld, fresh_seed, random_table
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton)")
 
@@ -81,7 +81,7 @@ TRITON_CASES = [
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("case", range(len(TRITON_CASES)))
 def test_triton_forward_and_backward_equal_torch_path(dtype, case):
     c = TRITON_CASES[case]

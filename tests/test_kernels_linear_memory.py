@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from kernels._common import poison_outputs
 from kernels.linear_memory import MemoryProjection, fold, phi, readout
-from kernels.testing import DEVICE, HAS_TRITON, TOL, bhld, fresh_seed
+from kernels.testing import DEVICE, DTYPES, DTYPE_IDS, HAS_TRITON, TOL, bhld, fresh_seed
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton)")
 
@@ -48,7 +48,7 @@ CASES = [dict(B=1, H=2, T=45, L=37, D=24, strided=True), dict(B=2, H=1, T=70, L=
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_triton_fold_and_readout_equal_torch_path(dtype, case):
     c = CASES[case]

@@ -1,0 +1,271 @@
+"""python -m benchmarks.gpu: the streaming engine at Wan2.1-1.3B size on one GPU, decode included.
+
+    python -m benchmarks.gpu --json benchmarks/results/gpu-wan2.1-1.3b.json --git-sha SHA
+    python -m benchmarks.gpu --dry-run         # the same code on the CPU: tiny preset, fp32 (checks the script)
+
+Random weights at the real widths (speed does not depend on the values): the `wan2.1-1.3b` preset (30 blocks,
+dim 1536, 832x480, 3 latent frames = 12 video frames a chunk, 4 steps + the clean pass, EMA sink 3 + window 6
+latent frames) and the Wan2.1 VAE (diffusers' AutoencoderKLWan at its default widths), streaming decode.
+The prompt is a fixed [1, 512, 4096] embedding: umT5 runs once per prompt, not per chunk, and is not timed.
+
+Every system streams the same 10 s (160 frames, seed 0) through `engine.pipeline.VideoGenerator`, the loop
+behind generate and the server: once to warm up (allocator, cuDNN autotuning, compilation, graph capture), then
+measured from a fresh stream. Systems:
+    engine                  eager, dense SDPA
+    engine[cuda_graphs]     steady-state forwards replayed as CUDA graphs (engine/accel.py)
+    engine[compile]         regional torch.compile of the blocks and RoPE (engine/accel.py)
+    engine[compile+graphs]  both
+    engine[sparse+linear]   block-sparse window attention at 20% (Triton) + linear memory, eager
+Reported per system: fps (decode included), fps without decode, first-frame latency (warm), per-chunk p50/p95,
+stage means, one steady-state forward (CUDA events), peak GPU memory; the eager system's cold first chunk (the
+first call in the process) and each system's warm-up time (compilation, capture). Checks: the CUDA-graph
+replay and the compiled blocks against eager on the same seed (max difference of the clean latents).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+import kernels  # noqa: F401  (TRITON_INTERPRET on a CPU, before anything imports triton)
+from engine import accel
+from engine.config import get_preset
+from engine.model import CausalWanModel
+from engine.pipeline import VideoGenerator
+from engine.vae import VideoVAE
+
+
+class FixedText:
+    """Stands in for the text encoder: one fixed prompt embedding."""
+
+    def __init__(self, emb):
+        self.emb = emb
+
+    def encode(self, prompts):
+        return self.emb
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def versions() -> dict:
+    out = {"torch": torch.__version__, "python": platform.python_version()}
+    for name in ("triton", "diffusers"):
+        try:
+            out[name] = __import__(name).__version__
+        except ImportError:
+            out[name] = None
+    if torch.cuda.is_available():
+        out["cuda"] = torch.version.cuda
+        try:
+            out["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True).stdout.strip()
+        except OSError:
+            out["driver"] = None
+    return out
+
+
+def stream_once(gen: VideoGenerator, frames: int, device: str) -> tuple[dict, list[torch.Tensor]]:
+    """One 10-s stream through the real loop; wall times per chunk and per stage; the clean latents."""
+    cleans, chunk_ms, stages = [], [], {}
+    it = gen.run([(0, "prompt")], frames, seed=0)
+    n_frames, decode_ms = 0, 0.0
+    sync(device)
+    t_start = t_prev = time.perf_counter()
+    first_ms = None
+    for chunk in it:
+        sync(device)
+        now = time.perf_counter()
+        chunk_ms.append((now - t_prev) * 1000)
+        if first_ms is None:
+            first_ms = (now - t_start) * 1000
+        t_prev = now
+        n_frames += len(chunk.frames)
+        decode_ms += chunk.timings_ms.get("decode", 0.0)
+        for k, v in chunk.timings_ms.items():
+            stages.setdefault(k, []).append(v)
+        cleans.append(gen.stream.window_latents[-1].clone() if gen.stream.window_latents else None)
+    total = time.perf_counter() - t_start
+    # window_latents holds the chunks committed so far: the last chunk is committed by the next call only
+    cleans = cleans[1:]
+    steady = chunk_ms[1:] or chunk_ms
+    return {
+        "frames": n_frames,
+        "seconds": total,
+        "fps": n_frames / total,
+        "fps_without_decode": n_frames / (total - decode_ms / 1000),
+        "first_frame_ms": first_ms,
+        "chunk_ms": {"p50": float(np.percentile(steady, 50)), "p95": float(np.percentile(steady, 95)),
+                     "all": [round(c, 2) for c in chunk_ms]},
+        "stage_ms": {k: statistics.mean(v) for k, v in stages.items()},
+    }, cleans
+
+
+def forward_ms(gen: VideoGenerator, device: str, reps: int) -> float:
+    """One steady-state forward of the chunk (the cache is full after a stream), median over reps."""
+    s = gen.stream
+    x = torch.randn(s.chunk_shape, generator=torch.Generator().manual_seed(1)).to(s.device, s.dtype)
+    t = 1000.0 * 0.9375
+    for _ in range(3):
+        s.denoise(x, t)
+    times = []
+    for _ in range(reps):
+        if device == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            s.denoise(x, t)
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            s.denoise(x, t)
+            times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def max_diff(a: list, b: list) -> dict:
+    d = [(x.float() - y.float()).abs().max().item() for x, y in zip(a, b)]
+    scale = max((x.float().abs().max().item() for x in a), default=1.0)
+    return {"first_chunk": d[0] if d else None, "max": max(d) if d else None, "scale": scale}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.splitlines()[0])
+    p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--preset", default="wan2.1-1.3b")
+    p.add_argument("--seconds", type=float, default=10.0, help="stream length per system (default 10)")
+    p.add_argument("--systems", nargs="+", default=["engine", "cuda_graphs", "compile", "compile+graphs",
+                                                    "sparse+linear"])
+    p.add_argument("--vae-dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--git-sha", default=None, help="the commit measured (the device copy has no .git)")
+    p.add_argument("--dry-run", action="store_true", help="tiny preset on the CPU, fp32 (checks the script)")
+    a = p.parse_args(argv)
+    if a.dry_run:
+        device, dtype, vae_dtype, a.preset = "cpu", torch.float32, torch.float32, "tiny"
+        compile_backend = "aot_eager"
+    elif not torch.cuda.is_available():
+        p.error("no CUDA device (use --dry-run to check the script on a CPU)")
+    else:
+        device, dtype, vae_dtype, compile_backend = "cuda", torch.bfloat16, getattr(torch, a.vae_dtype), "inductor"
+        torch.backends.cudnn.benchmark = True  # the VAE's 3D convolutions: pick the fastest algorithm once
+    preset = get_preset(a.preset)
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = CausalWanModel(preset.model)
+    model = model.to(dtype).eval().requires_grad_(False)
+    vae = VideoVAE.from_config(preset.vae)
+    vae.vae.to(device, vae_dtype)
+    emb = (torch.randn(1, 512, preset.model.text_dim, generator=torch.Generator().manual_seed(2)) * 0.1).to(device)
+    m = SimpleNamespace(transformer=model, preset=preset, vae=vae, text=FixedText(emb))
+    init_s = time.perf_counter() - t0
+    frames = int(a.seconds * preset.fps)
+    res = {
+        "command": "python -m benchmarks.gpu " + " ".join(sys.argv[1:] if argv is None else argv),
+        "git_sha": a.git_sha,
+        "device": {"name": torch.cuda.get_device_name() if device == "cuda" else platform.machine(),
+                   "type": device, "dtype": str(dtype).removeprefix("torch."),
+                   "vae_dtype": str(vae_dtype).removeprefix("torch."), **versions()},
+        "model": {"preset": preset.name, "weights": "random", "parameters": sum(x.numel() for x in model.parameters()),
+                  "vae_parameters": sum(x.numel() for x in vae.vae.parameters()),
+                  "resolution": [preset.width, preset.height], "fps": preset.fps,
+                  "latent_frames_per_chunk": preset.cache.frames_per_chunk,
+                  "video_frames_per_chunk": preset.cache.frames_per_chunk * vae.temporal,
+                  "steps": len(preset.sampler.timesteps), "sink": preset.cache.sink,
+                  "sink_frames": preset.cache.sink_frames, "window_frames": preset.cache.window_frames,
+                  "text": "fixed [1, 512, text_dim] embedding (the text encoder runs once per prompt: not timed)",
+                  "init_s": init_s},
+        "stream_frames": frames,
+        "systems": {},
+        "checks": {},
+    }
+    print(f"{preset.name}: {res['model']['parameters'] / 1e9:.2f} B parameters on {res['device']['name']}",
+          file=sys.stderr, flush=True)
+
+    def write():
+        if a.json:
+            a.json.parent.mkdir(parents=True, exist_ok=True)
+            a.json.write_text(json.dumps(res, indent=2) + "\n")
+
+    sparse_cfg = replace(preset.cache, sparse_topk=0.2, linear_memory=True,
+                         sparse_block=min(preset.cache.sparse_block, preset.tokens_per_frame))
+    specs = {
+        "engine": dict(compile=False, graphs=False, cache=preset.cache),
+        "cuda_graphs": dict(compile=False, graphs=True, cache=preset.cache),
+        "compile": dict(compile=True, graphs=False, cache=preset.cache),
+        "compile+graphs": dict(compile=True, graphs=True, cache=preset.cache),
+        "sparse+linear": dict(compile=False, graphs=False, cache=sparse_cfg),
+    }
+    cleans = {}
+    for name in a.systems:
+        spec = specs[name]
+        key = "engine" if name == "engine" else f"engine[{name}]"
+        print(f"{key} ...", file=sys.stderr, flush=True)
+        gen = first_run = None
+        try:
+            if spec["compile"]:
+                accel.compile_blocks(backend=compile_backend)
+            else:
+                accel.reset_compiled()
+            if spec["cache"].linear_memory and not model.has_linear_memory:
+                model.enable_linear_memory()  # zero projections: the outputs of a trained one would differ, not the cost
+            gen = VideoGenerator(m, cache_cfg=spec["cache"], cuda_graphs=spec["graphs"])
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            sync(device)
+            t = time.perf_counter()
+            first_run, _ = stream_once(gen, frames, device)  # warm-up: compile, capture, autotune
+            warm_s = time.perf_counter() - t
+            r, cl = stream_once(gen, frames, device)
+            r["warmup_run_s"] = warm_s
+            r["warmup_first_chunk_ms"] = first_run["first_frame_ms"]
+            r["forward_ms"] = forward_ms(gen, device, reps=10 if device == "cuda" else 2)
+            r["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
+            if gen.stream.graphs is not None:
+                r["graphs_captured"] = gen.stream.graphs.captures
+            r["cache"] = {k: getattr(spec["cache"], k) for k in ("sink", "sink_frames", "window_frames",
+                                                                 "sparse_topk", "sparse_block", "linear_memory")}
+            cleans[name] = cl
+            res["systems"][key] = r
+            print(f"  fps {r['fps']:.1f} (no decode {r['fps_without_decode']:.1f}), first frame "
+                  f"{r['first_frame_ms']:.0f} ms, chunk p50 {r['chunk_ms']['p50']:.0f} ms, forward "
+                  f"{r['forward_ms']:.1f} ms, stages " + ", ".join(f"{k} {v:.1f}" for k, v in r["stage_ms"].items()),
+                  file=sys.stderr, flush=True)
+        except Exception as e:  # one failing system must not lose the others' numbers
+            res["systems"][key] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+            print(f"  failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        finally:
+            accel.reset_compiled()
+            del gen
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        if name == "engine" and first_run is not None:  # the first call in this process: what a CLI user waits for
+            res["systems"][key]["cold_first_chunk_ms"] = first_run["first_frame_ms"]
+        write()
+    for name in ("cuda_graphs", "compile", "compile+graphs"):
+        if name in cleans and "engine" in cleans:
+            res["checks"][f"{name}_vs_eager_clean_latents"] = max_diff(cleans[name], cleans["engine"])
+    write()
+    print(json.dumps({k: {f: v.get(f) for f in ("fps", "fps_without_decode", "first_frame_ms", "forward_ms",
+                                                  "peak_memory_mb", "error")}
+                      for k, v in res["systems"].items()}, indent=1))
+    print(json.dumps(res["checks"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

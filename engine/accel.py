@@ -1,0 +1,114 @@
+"""GPU speed paths for the streaming step: regional torch.compile and CUDA-graph replay.
+
+compile_blocks()
+    Compiles the two pure tensor halves of a transformer block (`engine.model.block_pre`: modulated norm and
+    q/k/v projections; `block_post`: output projection, cross-attention, feed-forward) and RoPE. The 30 blocks
+    of a Wan model share one compiled graph per half (the block's parameters are graph inputs), so compiling
+    costs seconds, not a whole-model trace. The attention context in between (cache writes, the live slice,
+    the attention call) stays eager: its Python bookkeeping changes while the window fills, and compiling it
+    would recompile at every change. Process-wide; `reset_compiled()` restores the eager functions.
+
+GraphedForward (Stream(cuda_graphs=True))
+    Once the cache is in steady state (sink and window full), every forward of the current chunk reads and
+    writes the same buffers with the same shapes: the KV buffers are preallocated, the live region is the
+    whole buffer, the RoPE tables are memoised. So each distinct timestep of the schedule (and the clean pass
+    at t = 0) is captured once as a CUDA graph and replayed from then on: one launch instead of ~1,000
+    kernel launches a forward. The graphs read a static copy of the prompt's cross-attention K/V, refreshed in
+    place when the prompt changes (dropped and recaptured if its length changes). Before steady state, and for
+    the sparse and linear-memory paths (data-dependent block tables; a memory state that is replaced, not
+    updated in place), the eager forward runs. Replay equals the eager forward: the same kernels on the same
+    buffers (benchmarks/gpu.py checks it on the GPU).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import attention as _attention
+from . import model as _model
+
+_EAGER = {"pre": _model.block_pre, "post": _model.block_post, "rope": _attention.rope_reference}
+
+
+def compile_blocks(backend: str = "inductor", mode: str | None = None):
+    """Swap in compiled block halves and RoPE (see the module doc). backend="aot_eager" traces without
+    generating code (tests use it: it checks the capture, fast)."""
+    kw = dict(backend=backend, mode=mode, dynamic=None)
+    _model._STAGES["pre"] = torch.compile(_EAGER["pre"], **kw)
+    _model._STAGES["post"] = torch.compile(_EAGER["post"], **kw)
+    _attention._ROPE["fn"] = torch.compile(_EAGER["rope"], **kw)
+
+
+def reset_compiled():
+    _model._STAGES["pre"], _model._STAGES["post"] = _EAGER["pre"], _EAGER["post"]
+    _attention._ROPE["fn"] = _EAGER["rope"]
+
+
+def is_compiled() -> bool:
+    return _model._STAGES["pre"] is not _EAGER["pre"]
+
+
+class GraphedForward:
+    """CUDA-graph replay of a Stream's cached chunk forward, one graph per timestep (see the module doc)."""
+
+    def __init__(self, stream):
+        self.s = stream
+        self.graphs: dict[float, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self.pool = None  # one memory pool for all graphs: they replay one after another on one stream
+        self.text_kv = None  # static copy the graphs read
+        self._text_src = None  # the stream's text_kv it was copied from
+        self.captures = 0
+
+    def usable(self, x, t) -> bool:
+        c = self.s.cache
+        return (x.is_cuda and c is not None and isinstance(t, (int, float)) and c.sink_frames == c.S
+                and c.window_frames == c.W and c.W > 0 and c.cfg.sparse_topk is None and not c.cfg.linear_memory)
+
+    def _sync_text(self):
+        src = self.s.text_kv
+        if src is self._text_src:
+            return
+        same = self.text_kv is not None and all(a.shape == b.shape for a, b in
+                                                zip((t for kv in self.text_kv for t in kv), (t for kv in src for t in kv)))
+        if same:
+            for (k, v), (k2, v2) in zip(self.text_kv, src):
+                k.copy_(k2)
+                v.copy_(v2)
+        else:  # first use, or a prompt of another length: the graphs read tensors that no longer fit
+            self.graphs.clear()
+            self.text_kv = [(k.clone(), v.clone()) for k, v in src]
+        self._text_src = src
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, t: float) -> torch.Tensor:
+        self._sync_text()
+        key = float(t)
+        if key in self.graphs:
+            g, xs, out = self.graphs[key]
+            xs.copy_(x)
+            g.replay()
+            return out.clone()
+        return self._capture(x, key)
+
+    def _capture(self, x, t):
+        s = self.s
+        xs = x.clone()
+        tt = torch.full((s.batch,), t, dtype=torch.float32, device=x.device)
+
+        def forward():
+            return s.model(xs, tt, text_kv=self.text_kv, ctx=s.cache)
+
+        # Warm-up on a side stream (as torch.cuda.graph asks): this is the call's real result, and it writes
+        # the chunk's K/V into the cache. Capture records the same kernels without running them.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            result = forward()
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self.pool):
+            out = forward()
+        self.pool = g.pool()
+        self.graphs[t] = (g, xs, out)
+        self.captures += 1
+        return result

@@ -1,0 +1,87 @@
+"""engine/accel.py on the CPU: regional compilation equals eager and compiles once for all blocks; the CUDA-graph
+option is a no-op off CUDA and refused by the CLI. (Graph replay itself needs a GPU: benchmarks/gpu.py checks it
+against eager there.)"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+
+from engine import accel
+from engine.config import get_preset
+from engine.model import CausalWanModel
+from engine.stream import Stream
+
+
+def stream_chunks(model, preset, text, n, seed):
+    s = Stream(model, preset, cuda_graphs=True)  # ignored on the CPU
+    assert s.graphs is None
+    s.set_prompt(text)
+    g = torch.Generator().manual_seed(seed)
+    return [s.next_chunk(g) for _ in range(n)]
+
+
+@pytest.fixture
+def restore_eager():
+    yield
+    accel.reset_compiled()
+    torch._dynamo.reset()
+
+
+def test_compiled_blocks_equal_eager_and_compile_once_for_all_blocks(restore_eager):
+    import torch._dynamo.utils as dyn
+
+    seed = int.from_bytes(os.urandom(2), "little")
+    base = get_preset("tiny")
+    graphs = {}
+    for layers in (2, 5):
+        preset = base.replace(model=dataclasses.replace(base.model, num_layers=layers))
+        torch.manual_seed(seed)
+        model = CausalWanModel(preset.model).eval().requires_grad_(False)
+        text = torch.randn(1, 7, preset.model.text_dim)
+        accel.reset_compiled()
+        want = stream_chunks(model, preset, text, 5, seed)  # past the window: eviction and the EMA sink in play
+        torch._dynamo.reset()
+        dyn.counters.clear()
+        accel.compile_blocks(backend="aot_eager")
+        assert accel.is_compiled()
+        got = stream_chunks(model, preset, text, 5, seed)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=f"seed={seed}")
+        graphs[layers] = dyn.counters["stats"]["unique_graphs"]
+    assert graphs[2] > 0
+    assert graphs[5] == graphs[2], f"compiled graphs grow with the number of blocks: {graphs}"
+    accel.reset_compiled()
+    assert not accel.is_compiled()
+
+
+def test_generate_refuses_cuda_graphs_on_the_cpu(capsys):
+    from engine.generate import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--prompt", "a red circle", "--device", "cpu", "--cuda-graphs", "--model", "tiny-missing"])
+    assert e.value.code == 2
+    assert "--cuda-graphs needs a CUDA device" in capsys.readouterr().err
+
+
+def test_gpu_benchmark_dry_run_writes_every_system(tmp_path, restore_eager):
+    from benchmarks.gpu import main
+
+    out = tmp_path / "gpu.json"
+    assert main(["--dry-run", "--seconds", "1.5", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["model"]["preset"] == "tiny" and res["device"]["type"] == "cpu"
+    assert set(res["systems"]) == {"engine", "engine[cuda_graphs]", "engine[compile]", "engine[compile+graphs]",
+                                   "engine[sparse+linear]"}
+    for name, r in res["systems"].items():
+        assert "error" not in r, (name, r)
+        assert r["frames"] == 24 and r["fps"] > 0 and r["fps_without_decode"] >= r["fps"]
+        assert r["chunk_ms"]["p95"] >= r["chunk_ms"]["p50"] > 0
+        assert set(r["stage_ms"]) >= {"denoise", "decode", "context"}
+    # on the CPU the graph option is a no-op and aot_eager traces the same ops: identical latents
+    assert res["checks"]["compile_vs_eager_clean_latents"]["max"] == 0.0
+    assert res["checks"]["cuda_graphs_vs_eager_clean_latents"]["max"] == 0.0
