@@ -10,16 +10,20 @@ The prompt is a fixed [1, 512, 4096] embedding: umT5 runs once per prompt, not p
 
 Every system streams the same 10 s (160 frames, seed 0) through `engine.pipeline.VideoGenerator`, the loop
 behind generate and the server: once to warm up (allocator, cuDNN autotuning, compilation, graph capture), then
-measured from a fresh stream. Systems:
-    engine                  eager, dense SDPA
-    engine[cuda_graphs]     steady-state forwards replayed as CUDA graphs (engine/accel.py)
-    engine[compile]         regional torch.compile of the blocks and RoPE (engine/accel.py)
-    engine[compile+graphs]  both
-    engine[sparse+linear]   block-sparse window attention at 20% (Triton) + linear memory, eager
+measured from a fresh stream. A system is `engine` (eager, dense SDPA) or `engine[a+b+...]` with options:
+    graphs    steady-state forwards replayed as CUDA graphs (engine/accel.py)
+    compile   regional torch.compile of the blocks and RoPE (engine/accel.py)
+    cudnn     SDPA prefers cuDNN's attention kernel (default order: flash first)
+    vae       the VAE decoder compiled (engine/accel.py)
+    fpc3      the streaming decoder takes 3 latent frames per call instead of 1
+    sparse    block-sparse window attention at 20% (Triton) + linear memory
 Reported per system: fps (decode included), fps without decode, first-frame latency (warm), per-chunk p50/p95,
 stage means, one steady-state forward (CUDA events), peak GPU memory; the eager system's cold first chunk (the
-first call in the process) and each system's warm-up time (compilation, capture). Checks: the CUDA-graph
-replay and the compiled blocks against eager on the same seed (max difference of the clean latents).
+first call in the process) and each system's warm-up time (compilation, capture). Checks, each system against
+eager on the same seed: the clean latents of every chunk; with graphs, one replayed forward against the eager
+forward on the same input and cache (this isolates the replay from the drift of a random-weight model); the
+eager system against its own warm-up run (run-to-run determinism). First, the VAE's streaming decode alone
+(ms per chunk) for each decoder variant.
 """
 
 from __future__ import annotations
@@ -137,10 +141,97 @@ def forward_ms(gen: VideoGenerator, device: str, reps: int) -> float:
     return statistics.median(times)
 
 
-def max_diff(a: list, b: list) -> dict:
+def chunk_diffs(a: list, b: list) -> dict:
+    """Max |a - b| of the clean latents, chunk by chunk."""
     d = [(x.float() - y.float()).abs().max().item() for x, y in zip(a, b)]
     scale = max((x.float().abs().max().item() for x in a), default=1.0)
-    return {"first_chunk": d[0] if d else None, "max": max(d) if d else None, "scale": scale}
+    return {"first_chunk": d[0] if d else None, "max": max(d) if d else None, "scale": scale, "per_chunk": d}
+
+
+@torch.no_grad()
+def replay_check(gen: VideoGenerator) -> dict:
+    """One replayed forward against the eager forward on the same input and cache state (the cache is in
+    steady state after a stream; a forward rewrites only the current slot, with the same K/V both times)."""
+    s = gen.stream
+    x = torch.randn(s.chunk_shape, generator=torch.Generator().manual_seed(4)).to(s.device, s.dtype)
+    t = 1000.0 * 0.9375
+    assert s.graphs.usable(x, t)
+    replayed = s.denoise(x, t)
+    tt = torch.full((s.batch,), t, dtype=torch.float32, device=s.device)
+    eager = s.model(x, tt, text_kv=s.text_kv, ctx=s.cache)
+    return {"max_abs_diff": (replayed.float() - eager.float()).abs().max().item(),
+            "scale": eager.float().abs().max().item()}
+
+
+class sdpa_order:
+    """With on=True, SDPA prefers cuDNN's attention (then flash, then memory-efficient)."""
+
+    def __init__(self, on: bool):
+        self.cm = None
+        if on:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+            try:
+                self.cm = sdpa_kernel(order, set_priority=True)
+            except TypeError:  # a torch without priorities: cuDNN alone
+                self.cm = sdpa_kernel([SDPBackend.CUDNN_ATTENTION])
+
+    def __enter__(self):
+        if self.cm is not None:
+            self.cm.__enter__()
+
+    def __exit__(self, *exc):
+        if self.cm is not None:
+            return self.cm.__exit__(*exc)
+
+
+def conv_format(vae: VideoVAE, fmt):
+    """Lay the decoder's 3D convolution weights out in `fmt` (cuDNN picks channels-last kernels for them)."""
+    for mod in vae.vae.decoder.modules():
+        if isinstance(mod, torch.nn.Conv3d):
+            mod.weight.data = mod.weight.data.to(memory_format=fmt)
+
+
+def decode_bench(vae: VideoVAE, preset, device: str, variants: list[str], backend: str, reps: int = 6) -> dict:
+    """The streaming decode alone: ms per chunk (3 latent frames -> 12 frames) in steady state, per variant."""
+    h, w = preset.latent_hw
+    C = preset.cache.frames_per_chunk
+    z = torch.randn(1, vae.z_dim, C * (reps + 2), h, w, generator=torch.Generator().manual_seed(3))
+    z = z.to(device, vae.dtype)
+    out = {}
+    ref = None
+    for name in variants:
+        print(f"decode[{name}] ...", file=sys.stderr, flush=True)
+        try:
+            if name == "compile":
+                accel.compile_decoder(vae, backend=backend)
+            if name == "channels_last":
+                conv_format(vae, torch.channels_last_3d)
+            dec = vae.stream(3 if name == "fpc3" else 1)
+            times, frames = [], []
+            t_first = time.perf_counter()
+            for i in range(reps + 2):
+                sync(device)
+                t0 = time.perf_counter()
+                frames.append(dec.decode(z[:, :, i * C:(i + 1) * C]))
+                sync(device)
+                times.append((time.perf_counter() - t0) * 1000)
+            video = torch.cat(frames, 2).float()
+            if ref is None:
+                ref = video
+            out[name] = {"ms_per_chunk": statistics.median(times[2:]), "first_two_chunks_ms": times[:2],
+                         "warm_s": time.perf_counter() - t_first,
+                         "max_abs_diff_vs_first_variant": (video - ref).abs().max().item()}
+            print(f"  {out[name]['ms_per_chunk']:.1f} ms per chunk", file=sys.stderr, flush=True)
+        except Exception as e:
+            out[name] = {"error": f"{type(e).__name__}: {e}"[:1000]}
+            print(f"  failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        finally:
+            accel.reset_decoder(vae)
+            if name == "channels_last":
+                conv_format(vae, torch.contiguous_format)
+    return out
 
 
 def main(argv=None) -> int:
@@ -148,8 +239,10 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--preset", default="wan2.1-1.3b")
     p.add_argument("--seconds", type=float, default=10.0, help="stream length per system (default 10)")
-    p.add_argument("--systems", nargs="+", default=["engine", "cuda_graphs", "compile", "compile+graphs",
-                                                    "sparse+linear"])
+    p.add_argument("--systems", nargs="+", default=["engine", "graphs", "compile", "compile+graphs", "sparse"],
+                   help="engine, or options joined by + (see the module doc)")
+    p.add_argument("--decode-variants", nargs="*", default=["eager", "fpc3", "channels_last", "compile"],
+                   help="VAE decoder variants timed alone first (none: skip)")
     p.add_argument("--vae-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--git-sha", default=None, help="the commit measured (the device copy has no .git)")
     p.add_argument("--dry-run", action="store_true", help="tiny preset on the CPU, fp32 (checks the script)")
@@ -203,42 +296,52 @@ def main(argv=None) -> int:
 
     sparse_cfg = replace(preset.cache, sparse_topk=0.2, linear_memory=True,
                          sparse_block=min(preset.cache.sparse_block, preset.tokens_per_frame))
-    specs = {
-        "engine": dict(compile=False, graphs=False, cache=preset.cache),
-        "cuda_graphs": dict(compile=False, graphs=True, cache=preset.cache),
-        "compile": dict(compile=True, graphs=False, cache=preset.cache),
-        "compile+graphs": dict(compile=True, graphs=True, cache=preset.cache),
-        "sparse+linear": dict(compile=False, graphs=False, cache=sparse_cfg),
-    }
+    known = {"graphs", "compile", "cudnn", "vae", "fpc3", "sparse"}
+    for name in a.systems:
+        bad = set(name.split("+")) - known if name != "engine" else set()
+        if bad:
+            p.error(f"--systems {name}: unknown option(s) {', '.join(sorted(bad))}; expected engine or "
+                    f"{'+'.join(sorted(known))}")
+    if a.decode_variants:
+        res["decode_ms_per_chunk"] = decode_bench(vae, preset, device, a.decode_variants, compile_backend)
+        write()
     cleans = {}
     for name in a.systems:
-        spec = specs[name]
+        opts = set(name.split("+")) if name != "engine" else set()
         key = "engine" if name == "engine" else f"engine[{name}]"
+        cache_cfg = sparse_cfg if "sparse" in opts else preset.cache
         print(f"{key} ...", file=sys.stderr, flush=True)
         gen = first_run = None
         try:
-            if spec["compile"]:
+            if "compile" in opts:
                 accel.compile_blocks(backend=compile_backend)
-            else:
-                accel.reset_compiled()
-            if spec["cache"].linear_memory and not model.has_linear_memory:
-                model.enable_linear_memory()  # zero projections: the outputs of a trained one would differ, not the cost
-            gen = VideoGenerator(m, cache_cfg=spec["cache"], cuda_graphs=spec["graphs"])
-            if device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            sync(device)
-            t = time.perf_counter()
-            first_run, _ = stream_once(gen, frames, device)  # warm-up: compile, capture, autotune
-            warm_s = time.perf_counter() - t
-            r, cl = stream_once(gen, frames, device)
-            r["warmup_run_s"] = warm_s
-            r["warmup_first_chunk_ms"] = first_run["first_frame_ms"]
-            r["forward_ms"] = forward_ms(gen, device, reps=10 if device == "cuda" else 2)
-            r["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
-            if gen.stream.graphs is not None:
-                r["graphs_captured"] = gen.stream.graphs.captures
-            r["cache"] = {k: getattr(spec["cache"], k) for k in ("sink", "sink_frames", "window_frames",
-                                                                 "sparse_topk", "sparse_block", "linear_memory")}
+            if "vae" in opts:
+                accel.compile_decoder(vae, backend=compile_backend)
+            if "sparse" in opts and not model.has_linear_memory:
+                model.enable_linear_memory()  # zero projections: a trained one's outputs differ, not its cost
+            gen = VideoGenerator(m, cache_cfg=cache_cfg, cuda_graphs="graphs" in opts,
+                                 decoder_frames_per_call=3 if "fpc3" in opts else 1)
+            with sdpa_order("cudnn" in opts and device == "cuda"):
+                if device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                sync(device)
+                t = time.perf_counter()
+                first_run, first_cl = stream_once(gen, frames, device)  # warm-up: compile, capture, autotune
+                warm_s = time.perf_counter() - t
+                r, cl = stream_once(gen, frames, device)
+                r["warmup_run_s"] = warm_s
+                r["warmup_first_chunk_ms"] = first_run["first_frame_ms"]
+                r["forward_ms"] = forward_ms(gen, device, reps=10 if device == "cuda" else 2)
+                r["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
+                if gen.stream.graphs is not None:
+                    r["graphs_captured"] = gen.stream.graphs.captures
+                    r["replay_vs_eager_forward"] = replay_check(gen)
+            r["options"] = sorted(opts)
+            r["cache"] = {k: getattr(cache_cfg, k) for k in ("sink", "sink_frames", "window_frames",
+                                                             "sparse_topk", "sparse_block", "linear_memory")}
+            if name == "engine":
+                r["cold_first_chunk_ms"] = first_run["first_frame_ms"]  # the first call in this process
+                r["repeat_vs_warmup_run"] = chunk_diffs(cl, first_cl)
             cleans[name] = cl
             res["systems"][key] = r
             print(f"  fps {r['fps']:.1f} (no decode {r['fps_without_decode']:.1f}), first frame "
@@ -250,20 +353,21 @@ def main(argv=None) -> int:
             print(f"  failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         finally:
             accel.reset_compiled()
+            accel.reset_decoder(vae)
             del gen
             if device == "cuda":
                 torch.cuda.empty_cache()
-        if name == "engine" and first_run is not None:  # the first call in this process: what a CLI user waits for
-            res["systems"][key]["cold_first_chunk_ms"] = first_run["first_frame_ms"]
         write()
-    for name in ("cuda_graphs", "compile", "compile+graphs"):
-        if name in cleans and "engine" in cleans:
-            res["checks"][f"{name}_vs_eager_clean_latents"] = max_diff(cleans[name], cleans["engine"])
+    for name in cleans:
+        if name != "engine" and "engine" in cleans:
+            res["checks"][f"{name}_vs_eager_clean_latents"] = chunk_diffs(cleans[name], cleans["engine"])
     write()
+    print(json.dumps(res.get("decode_ms_per_chunk"), indent=1))
     print(json.dumps({k: {f: v.get(f) for f in ("fps", "fps_without_decode", "first_frame_ms", "forward_ms",
-                                                  "peak_memory_mb", "error")}
+                                                  "peak_memory_mb", "replay_vs_eager_forward", "error")}
                       for k, v in res["systems"].items()}, indent=1))
-    print(json.dumps(res["checks"], indent=1))
+    print(json.dumps({k: {f: v[f] for f in ("first_chunk", "max", "scale")} for k, v in res["checks"].items()},
+                     indent=1))
     return 0
 
 

@@ -8,6 +8,9 @@ compile_blocks()
     the attention call) stays eager: its Python bookkeeping changes while the window fills, and compiling it
     would recompile at every change. Process-wide; `reset_compiled()` restores the eager functions.
 
+compile_decoder(vae)
+    Compiles the VAE decoder in place: on a GPU at 832x480 it is the largest stage after the transformer.
+
 GraphedForward (Stream(cuda_graphs=True))
     Once the cache is in steady state (sink and window full), every forward of the current chunk reads and
     writes the same buffers with the same shapes: the KV buffers are preallocated, the live region is the
@@ -42,6 +45,16 @@ def compile_blocks(backend: str = "inductor", mode: str | None = None):
 def reset_compiled():
     _model._STAGES["pre"], _model._STAGES["post"] = _EAGER["pre"], _EAGER["post"]
     _attention._ROPE["fn"] = _EAGER["rope"]
+
+
+def compile_decoder(vae, backend: str = "inductor", mode: str | None = None):
+    """Compile a VideoVAE's decoder in place (its state-dict keys are unchanged). The streaming decoder calls it
+    with the same shapes every chunk (the first call, one latent frame, is its own graph)."""
+    vae.vae.decoder.compile(backend=backend, mode=mode, dynamic=False)
+
+
+def reset_decoder(vae):
+    vae.vae.decoder._compiled_call_impl = None
 
 
 def is_compiled() -> bool:

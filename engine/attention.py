@@ -88,6 +88,18 @@ def _triton(q, k, v, table):
 _flex_compiled = None
 
 
+def flex_kernel_options(block_m: int, block_n: int) -> dict | None:
+    """Tiles for compiled flex attention over a block mask of block_m x block_n blocks: its Triton tiles must
+    divide the blocks, and its defaults (128) are wider than our tables' blocks (64 at Wan sizes). None when no
+    tile of at least 16 (tl.dot's minimum) divides them: the caller falls back to a dense token mask."""
+    g = math.gcd(block_m, block_n)
+    tile = g & -g  # the largest power of two dividing both
+    if tile < 16:
+        return None
+    fwd, bwd = min(tile, 128), min(tile, 64)
+    return {"BLOCK_M": fwd, "BLOCK_N": fwd, "BLOCK_M1": bwd, "BLOCK_N1": bwd, "BLOCK_M2": bwd, "BLOCK_N2": bwd}
+
+
 @register_backend("flex", dense_mask=True, block_table=True)
 def _flex(q, k, v, mask):
     global _flex_compiled
@@ -95,6 +107,11 @@ def _flex(q, k, v, mask):
 
     B, Lq, H, _ = q.shape
     Lk = k.shape[1]
+    options = None
+    if isinstance(mask, BlockTable) and q.is_cuda:
+        options = flex_kernel_options(mask.block_m, mask.block_n)
+        if options is None:  # blocks too small for the compiled kernel's tiles: their dense token mask
+            mask = mask.expand(B, H).dense_mask()
     if isinstance(mask, BlockTable):
         t = mask.expand(B, H)
         blocks, bm, bn = t.block_mask(), t.block_m, t.block_n  # [B, H, NQB, NKB]
@@ -117,7 +134,7 @@ def _flex(q, k, v, mask):
         fn = flex_attention
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
-        out = fn(*_bhld(q, k, v), block_mask=block_mask)
+        out = fn(*_bhld(q, k, v), block_mask=block_mask, kernel_options=options)
     return out.transpose(1, 2)
 
 

@@ -116,6 +116,8 @@ class KVCache:
         self.k[layer, :, cur] = k
         self.v[layer, :, cur] = v
         keys, values = self.context(layer)
+        if torch.is_grad_enabled():  # autograd would save views of the buffers, which later layers write in place
+            keys, values = keys.clone(), values.clone()
         cos, sin = rope_range(self.head_dim, self.live_frames, *self.hw, str(q.device))
         nq = q.shape[1]
         q, keys = apply_rope(q, cos[-nq:], sin[-nq:]), apply_rope(keys, cos, sin)

@@ -38,13 +38,14 @@ def _sync(device):
 
 class VideoGenerator:
     def __init__(self, model: LoadedModel, *, cache_cfg=None, sampler_cfg=None, recompute=False, decode=True,
-                 cuda_graphs=False):
+                 cuda_graphs=False, decoder_frames_per_call=1):
         self.m = model
         self.preset = model.preset
         self.device = model.transformer.proj_out.weight.device
         self.stream = Stream(model.transformer, model.preset, cache_cfg=cache_cfg, sampler_cfg=sampler_cfg,
                              recompute=recompute, cuda_graphs=cuda_graphs)
         self.decode = decode
+        self.decoder_frames_per_call = decoder_frames_per_call  # engine/vae.py StreamingDecoder
 
     @property
     def fps(self) -> int:
@@ -74,7 +75,7 @@ class VideoGenerator:
         first chunk that starts at or after its frame. num_frames None = forever. Yields decoded chunks."""
         gen = torch.Generator().manual_seed(seed)
         self.stream.reset()
-        decoder = self.m.vae.stream()
+        decoder = self.m.vae.stream(self.decoder_frames_per_call)
         frame, index, pending, current, last = 0, 0, list(prompts), None, None
         while num_frames is None or frame < num_frames:
             t = {}

@@ -151,7 +151,7 @@ def test_select_blocks_top_k_by_pooled_scores_with_kept_blocks():
     # the rest are the best-scoring others: brute force over pooled means (last key block is short)
     pq = torch.stack([q[:, :, i * bs:(i + 1) * bs].mean(2) for i in range(nqb)], 2)
     pk = torch.stack([k[:, :, j * bs:(j + 1) * bs].mean(2) for j in range(nkb)], 2)
-    score = (pq @ pk.transpose(-1, -2)).masked_fill(keep, float("-inf"))
+    score = (pq @ pk.transpose(-1, -2)).masked_fill(keep.to(pq.device), float("-inf"))
     best = score.topk(6 - int(keep.sum()), -1).indices
     assert torch.zeros_like(blocks).scatter_(-1, best, True)[..., ~keep].eq(blocks[..., ~keep]).all(), f"seed={seed}"
     # ascending ids; more kept blocks than top-k: every kept block stays in
