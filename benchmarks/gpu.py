@@ -13,7 +13,8 @@ behind generate and the server: once to warm up (allocator, cuDNN autotuning, co
 measured from a fresh stream. A system is `engine` (eager, dense SDPA) or `engine[a+b+...]` with options:
     graphs    steady-state forwards replayed as CUDA graphs (engine/accel.py)
     compile   regional torch.compile of the blocks and RoPE (engine/accel.py)
-    cudnn     SDPA prefers cuDNN's attention kernel (default order: flash first)
+    cudnn     SDPA prefers cuDNN's attention kernel
+    flash     SDPA prefers FlashAttention (torch 2.11 on an H200 picks cuDNN's by default)
     vae       the VAE decoder compiled (engine/accel.py)
     fpc3      the streaming decoder takes 3 latent frames per call instead of 1
     sparse    block-sparse window attention at 20% (Triton) + linear memory
@@ -156,26 +157,35 @@ def replay_check(gen: VideoGenerator) -> dict:
     x = torch.randn(s.chunk_shape, generator=torch.Generator().manual_seed(4)).to(s.device, s.dtype)
     t = 1000.0 * 0.9375
     assert s.graphs.usable(x, t)
+    c = s.cache
+    cur = c._frames(c.S + c.W, c.S + c.W + c.C)
     replayed = s.denoise(x, t)
+    k_replayed = c.k[:, :, cur].float().clone()  # every layer's keys of the chunk, as the replay wrote them
     tt = torch.full((s.batch,), t, dtype=torch.float32, device=s.device)
-    eager = s.model(x, tt, text_kv=s.text_kv, ctx=s.cache)
+    eager = s.model(x, tt, text_kv=s.text_kv, ctx=c)
+    k_diff = (c.k[:, :, cur].float() - k_replayed).flatten(1).abs().max(1).values.tolist()
     return {"max_abs_diff": (replayed.float() - eager.float()).abs().max().item(),
-            "scale": eager.float().abs().max().item()}
+            "scale": eager.float().abs().max().item(),
+            "first_layer_with_other_keys": next((i for i, d in enumerate(k_diff) if d > 0), None),
+            "keys_max_abs_diff_per_layer": k_diff}
 
 
 class sdpa_order:
-    """With on=True, SDPA prefers cuDNN's attention (then flash, then memory-efficient)."""
+    """SDPA prefers one kernel ("cudnn" or "flash"), then the others; None leaves torch's order."""
 
-    def __init__(self, on: bool):
+    def __init__(self, first: str | None):
         self.cm = None
-        if on:
+        if first is not None:
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
-            order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+            order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]
+            if first == "flash":
+                order.reverse()
+            order.append(SDPBackend.EFFICIENT_ATTENTION)
             try:
                 self.cm = sdpa_kernel(order, set_priority=True)
-            except TypeError:  # a torch without priorities: cuDNN alone
-                self.cm = sdpa_kernel([SDPBackend.CUDNN_ATTENTION])
+            except TypeError:  # a torch without priorities: that kernel alone
+                self.cm = sdpa_kernel(order[:1])
 
     def __enter__(self):
         if self.cm is not None:
@@ -296,7 +306,10 @@ def main(argv=None) -> int:
 
     sparse_cfg = replace(preset.cache, sparse_topk=0.2, linear_memory=True,
                          sparse_block=min(preset.cache.sparse_block, preset.tokens_per_frame))
-    known = {"graphs", "compile", "cudnn", "vae", "fpc3", "sparse"}
+    known = {"graphs", "compile", "cudnn", "flash", "vae", "fpc3", "sparse"}
+    for name in a.systems:
+        if {"cudnn", "flash"} <= set(name.split("+")):
+            p.error(f"--systems {name}: cudnn and flash are two orders of one preference, pick one")
     for name in a.systems:
         bad = set(name.split("+")) - known if name != "engine" else set()
         if bad:
@@ -321,7 +334,8 @@ def main(argv=None) -> int:
                 model.enable_linear_memory()  # zero projections: a trained one's outputs differ, not its cost
             gen = VideoGenerator(m, cache_cfg=cache_cfg, cuda_graphs="graphs" in opts,
                                  decoder_frames_per_call=3 if "fpc3" in opts else 1)
-            with sdpa_order("cudnn" in opts and device == "cuda"):
+            with sdpa_order(("cudnn" if "cudnn" in opts else "flash" if "flash" in opts else None)
+                            if device == "cuda" else None):
                 if device == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 sync(device)

@@ -11,7 +11,11 @@ compile_blocks()
 compile_decoder(vae)
     Compiles the VAE decoder in place: on a GPU at 832x480 it is the largest stage after the transformer.
 
-GraphedForward (Stream(cuda_graphs=True))
+GraphedForward (Stream(cuda_graphs=True)) -- EXPERIMENTAL, not offered by the CLIs: on an H200 (torch 2.11,
+benchmarks/results/gpu-h200-2026-11-26.md) a replayed forward differed from the eager forward on the same input
+and cache (max 0.57 at outputs of scale 2.6) while eager was bit-reproducible, and it gained only 3% (the step
+is GPU-bound). Cause not yet found; `python -m benchmarks.gpu --systems graphs graphs+flash` checks it again.
+
     Once the cache is in steady state (sink and window full), every forward of the current chunk reads and
     writes the same buffers with the same shapes: the KV buffers are preallocated, the live region is the
     whole buffer, the RoPE tables are memoised. So each distinct timestep of the schedule (and the clean pass
@@ -19,8 +23,9 @@ GraphedForward (Stream(cuda_graphs=True))
     kernel launches a forward. The graphs read a static copy of the prompt's cross-attention K/V, refreshed in
     place when the prompt changes (dropped and recaptured if its length changes). Before steady state, and for
     the sparse and linear-memory paths (data-dependent block tables; a memory state that is replaced, not
-    updated in place), the eager forward runs. Replay equals the eager forward: the same kernels on the same
-    buffers (benchmarks/gpu.py checks it on the GPU).
+    updated in place), the eager forward runs. By design a replay runs the eager forward's kernels on the
+    same buffers; the GPU check says it does not, so some input of the captured kernels is not what eager
+    reads (benchmarks/gpu.py's replay check reports the first layer whose keys differ).
 """
 
 from __future__ import annotations
@@ -50,6 +55,11 @@ def reset_compiled():
 def compile_decoder(vae, backend: str = "inductor", mode: str | None = None):
     """Compile a VideoVAE's decoder in place (its state-dict keys are unchanged). The streaming decoder calls it
     with the same shapes every chunk (the first call, one latent frame, is its own graph)."""
+    import torch._dynamo.config as dc
+
+    # On an H200, inside an sdpa_kernel context (the suspected cause of a graph break), dynamo compiled the
+    # decoder's blocks one by one, one entry per channel width, and the default limit of 8 sent the rest to eager.
+    dc.recompile_limit = max(dc.recompile_limit, 64)
     vae.vae.decoder.compile(backend=backend, mode=mode, dynamic=False)
 
 

@@ -107,8 +107,9 @@ def _flex(q, k, v, mask):
 
     B, Lq, H, _ = q.shape
     Lk = k.shape[1]
+    compiled = q.is_cuda and q.shape[-1] >= 16  # the compiled kernel needs head dims of 16 or more (tl.dot)
     options = None
-    if isinstance(mask, BlockTable) and q.is_cuda:
+    if isinstance(mask, BlockTable) and compiled:
         options = flex_kernel_options(mask.block_m, mask.block_n)
         if options is None:  # blocks too small for the compiled kernel's tiles: their dense token mask
             mask = mask.expand(B, H).dense_mask()
@@ -126,7 +127,7 @@ def _flex(q, k, v, mask):
         block_mask = create_block_mask(lambda b, h, qi, ki: dense[b, h, qi, ki], B, H, Lq, Lk, device=q.device)
     else:
         block_mask = None
-    if q.is_cuda:
+    if compiled:
         if _flex_compiled is None:
             _flex_compiled = torch.compile(flex_attention, dynamic=False)
         fn = _flex_compiled

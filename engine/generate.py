@@ -38,8 +38,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, metavar="LATENT_FRAMES", help="override the rolling window length")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the transformer blocks' tensor work (engine/accel.py; costs seconds at start)")
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="replay the steady-state chunk forward as CUDA graphs (CUDA, dense attention)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -76,8 +74,6 @@ def main(argv=None) -> int:
     device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
-    if a.cuda_graphs and device != "cuda":
-        parser.error("--cuda-graphs needs a CUDA device (--device cuda)")
     dtype = getattr(torch, a.dtype)
 
     t_load = time.perf_counter()
@@ -106,7 +102,7 @@ def main(argv=None) -> int:
         from .accel import compile_blocks
 
         compile_blocks()
-    gen = VideoGenerator(model, cache_cfg=cache_cfg, cuda_graphs=a.cuda_graphs)
+    gen = VideoGenerator(model, cache_cfg=cache_cfg)
     gen.warmup()
     t_load = time.perf_counter() - t_load
     prompts = list(zip([0] + a.switch_at, a.prompt))

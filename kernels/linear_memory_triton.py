@@ -1,7 +1,8 @@
 """Triton kernels for the linear-attention memory (see linear_memory.py for the maths and layouts).
 
-fold fwd     grid (cdiv(D, BLOCK_DV), B*H): loop over the T folded tokens, acc[D, BLOCK_DV] += phi(K)^T V,
-             z += colsum(phi(K)); writes M' = decay*M + acc, z' = decay*z + zsum (a new state: autograd-safe).
+fold fwd     grid (cdiv(D, BLOCK_DV), B*H, NSPLIT): each program loops over its run of the T folded tokens,
+             acc[D, BLOCK_DV] += phi(K)^T V, into a partial sum; torch adds the partials (fixed order),
+             z += colsum(phi(K)); M' = decay*M + sum of partials, z' likewise (a new state: autograd-safe).
 fold bwd     grid (cdiv(T, BLOCK_T), B*H): dV = phi(K) dM, dK = (V dM^T + dz) * phi'(K).
              (dM_in = decay*dM, dz_in = decay*dz are done in torch.)
 read-out fwd grid (cdiv(L, BLOCK_M), B*H): r = (phi(Q) M) / max(phi(Q) z, eps).
@@ -33,11 +34,14 @@ def _dphi(x):
 
 
 @triton.jit
-def _fold_fwd(K, V, M_IN, Z_IN, M_OUT, Z_OUT, decay, T, H, D,
+def _fold_fwd(K, V, P, PZ, T, H, D, T_PER,
               s_kb, s_kh, s_kt, s_kd, s_vb, s_vh, s_vt, s_vd,
               BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    # program (pv, bh, ps): columns pv of phi(K)^T V over tokens [ps * T_PER, (ps + 1) * T_PER) -> P[ps, bh]
     pv = tl.program_id(0)
     bh = tl.program_id(1)
+    ps = tl.program_id(2)
+    nbh = tl.num_programs(1)
     b = bh // H
     h = bh % H
     offs_t0 = tl.arange(0, BLOCK_T)
@@ -47,9 +51,10 @@ def _fold_fwd(K, V, M_IN, Z_IN, M_OUT, Z_OUT, decay, T, H, D,
     v_ok = offs_v < D
     acc = tl.zeros([BLOCK_D, BLOCK_DV], dtype=tl.float32)
     zacc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for t0 in range(0, T, BLOCK_T):
+    t_end = tl.minimum(T, (ps + 1) * T_PER)
+    for t0 in range(ps * T_PER, t_end, BLOCK_T):
         offs_t = t0 + offs_t0
-        t_ok = offs_t < T
+        t_ok = offs_t < t_end
         km = t_ok[:, None] & k_ok[None, :]
         k = tl.load(K + b * s_kb + h * s_kh + offs_t[:, None] * s_kt + offs_k[None, :] * s_kd, mask=km, other=0.0)
         v = tl.load(V + b * s_vb + h * s_vh + offs_t[:, None] * s_vt + offs_v[None, :] * s_vd,
@@ -58,12 +63,9 @@ def _fold_fwd(K, V, M_IN, Z_IN, M_OUT, Z_OUT, decay, T, H, D,
         acc += tl.dot(tl.trans(fk), v.to(tl.float32), input_precision="ieee")
         zacc += tl.sum(fk, 0)
     sm = k_ok[:, None] & v_ok[None, :]
-    offs_s = bh * D * D + offs_k[:, None] * D + offs_v[None, :]
-    m_old = tl.load(M_IN + offs_s, mask=sm, other=0.0)
-    tl.store(M_OUT + offs_s, decay * m_old + acc, mask=sm)
-    zm = k_ok & (pv == 0)
-    z_old = tl.load(Z_IN + bh * D + offs_k, mask=zm, other=0.0)
-    tl.store(Z_OUT + bh * D + offs_k, decay * z_old + zacc, mask=zm)
+    part = ps * nbh + bh
+    tl.store(P + part * D * D + offs_k[:, None] * D + offs_v[None, :], acc, mask=sm)
+    tl.store(PZ + part * D + offs_k, zacc, mask=k_ok & (pv == 0))
 
 
 @triton.jit
@@ -175,16 +177,27 @@ def _opts(warps=4):
     return {} if interpreting() else {"num_warps": warps}
 
 
-def fold_forward(M, z, k, v, decay):
+def fold_forward(M, z, k, v, decay, nsplit: int | None = None):
+    """The tokens are split into `nsplit` runs, one program each (per head and column block), whose partial
+    sums are added in a fixed order (deterministic): one evicted chunk is thousands of tokens and only B*H
+    heads, too few programs to fill a GPU without the split."""
     _check(k)
     B, H, T, D = k.shape
+    if T == 0:
+        return decay * M, decay * z
     bd = max(16, next_pow2(D))
     bdv = min(bd, 64)
-    M_out = new_empty(M.shape, dtype=torch.float32, device=M.device)
-    z_out = new_empty(z.shape, dtype=torch.float32, device=z.device)
-    _fold_fwd[(cdiv(D, bdv), B * H)](k, v, M, z, M_out, z_out, decay, T, H, D, *k.stride(), *v.stride(),
-                                     BLOCK_T=32, BLOCK_D=bd, BLOCK_DV=bdv, **_opts())
-    return M_out, z_out
+    bt = 32
+    ndv = cdiv(D, bdv)
+    if nsplit is None:  # about 4 programs per multiprocessor of an H100 (132); one on the interpreter
+        nsplit = 1 if interpreting() else max(1, min(cdiv(T, bt), cdiv(528, ndv * B * H)))
+    t_per = cdiv(cdiv(T, nsplit), bt) * bt
+    nsplit = max(1, cdiv(T, t_per))
+    part = new_empty((nsplit, B, H, D, D), dtype=torch.float32, device=k.device)
+    part_z = new_empty((nsplit, B, H, D), dtype=torch.float32, device=k.device)
+    _fold_fwd[(ndv, B * H, nsplit)](k, v, part, part_z, T, H, D, t_per, *k.stride(), *v.stride(),
+                                    BLOCK_T=bt, BLOCK_D=bd, BLOCK_DV=bdv, **_opts())
+    return decay * M + part.sum(0), decay * z + part_z.sum(0)
 
 
 def fold_backward(k, v, dM, dz):

@@ -98,3 +98,25 @@ def test_memory_projection_starts_at_zero():
     assert p.weight.abs().sum() == 0 and p.bias.abs().sum() == 0
     assert p(torch.randn(2, 5, 3, 12)).abs().max() == 0
     assert p.weight.requires_grad
+
+
+@needs_triton
+@pytest.mark.parametrize("nsplit", [2, 3, 100])
+def test_triton_fold_split_over_tokens_equals_one_run(nsplit):
+    """The fold's token split (a GPU fills its multiprocessors with it; the interpreter takes one run) adds
+    partial sums of uneven runs, including a last short one and more runs asked for than token blocks."""
+    from kernels import linear_memory_triton as tri
+
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    B, H, T, D = 2, 3, 101, 20
+    k, v = bhld(g, B, H, T, D, strided=True), bhld(g, B, H, T, D)
+    M0, z0 = torch.rand(B, H, D, D, generator=g).to(DEVICE), torch.rand(B, H, D, generator=g).to(DEVICE)
+    with poison_outputs():
+        got = tri.fold_forward(M0, z0, k, v, 0.5, nsplit=nsplit)
+    want = fold(M0, z0, k, v, decay=0.5, impl="torch")
+    st = dict(atol=1e-4, rtol=1e-5) if DEVICE == "cpu" else dict(atol=1e-2, rtol=1e-2)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **st, msg=f"seed={seed} nsplit={nsplit}")
+    empty = tri.fold_forward(M0, z0, k[:, :, :0], v[:, :, :0], 0.5)
+    torch.testing.assert_close(empty[0], 0.5 * M0)
