@@ -195,9 +195,13 @@ def export(run: Path, teacher_run: Path, vae: Path, out: Path, preset_name: str,
     student = CausalWanModel(preset.model)
     student.load_state_dict({k.removeprefix("model."): v for k, v in load_weights(run, "ema").items()}, strict=True)
     text = load_teacher(teacher_run, preset_name).text
+    from .trainer import latest_checkpoint
+
+    ckpt = run if (run / "state.json").exists() else latest_checkpoint(run)
     save_model_folder(out, preset, student, VideoVAE.from_folder(vae), text, weights_dtype=torch.float16,
                       placeholder=False, description=f"Shapes student: ODE-initialised from the Shapes teacher "
-                                                     f"({run}), {len(sampler.timesteps)} steps")
+                                                     f"({teacher_run}), {ckpt.name} of {run} (EMA weights), "
+                                                     f"{len(sampler.timesteps)} steps")
 
 
 def _main(argv=None) -> int:
