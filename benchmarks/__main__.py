@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks import git_sha
 from benchmarks.oracle import adherence
 from engine.folder import ModelLoadError, load_model_folder
 from engine.pipeline import VideoGenerator, _sync
@@ -58,18 +59,6 @@ def device_info(device: str, dtype: torch.dtype) -> dict:
             pass
     return {"name": name, "type": device, "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
             "threads": torch.get_num_threads()}
-
-
-def git_sha() -> str:
-    """HEAD's SHA, with "-dirty" when tracked files differ from it (the numbers are then not that commit's)."""
-    def git(*args):
-        return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-
-    try:
-        return git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def peak_rss_mb() -> float:

@@ -43,11 +43,12 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from benchmarks import git_sha
 import kernels  # noqa: F401  (TRITON_INTERPRET on a CPU, before anything imports triton)
 from engine import accel
 from engine.config import get_preset
 from engine.model import CausalWanModel
-from engine.pipeline import VideoGenerator
+from engine.pipeline import VideoGenerator, _sync
 from engine.vae import VideoVAE
 
 
@@ -59,11 +60,6 @@ class FixedText:
 
     def encode(self, prompts):
         return self.emb
-
-
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def versions() -> dict:
@@ -88,11 +84,11 @@ def stream_once(gen: VideoGenerator, frames: int, device: str) -> tuple[dict, li
     cleans, chunk_ms, stages = [], [], {}
     it = gen.run([(0, "prompt")], frames, seed=0)
     n_frames, decode_ms = 0, 0.0
-    sync(device)
+    _sync(device)
     t_start = t_prev = time.perf_counter()
     first_ms = None
     for chunk in it:
-        sync(device)
+        _sync(device)
         now = time.perf_counter()
         chunk_ms.append((now - t_prev) * 1000)
         if first_ms is None:
@@ -222,10 +218,10 @@ def decode_bench(vae: VideoVAE, preset, device: str, variants: list[str], backen
             times, frames = [], []
             t_first = time.perf_counter()
             for i in range(reps + 2):
-                sync(device)
+                _sync(device)
                 t0 = time.perf_counter()
                 frames.append(dec.decode(z[:, :, i * C:(i + 1) * C]))
-                sync(device)
+                _sync(device)
                 times.append((time.perf_counter() - t0) * 1000)
             video = torch.cat(frames, 2).float()
             if ref is None:
@@ -254,7 +250,7 @@ def main(argv=None) -> int:
     p.add_argument("--decode-variants", nargs="*", default=["eager", "fpc3", "channels_last", "compile"],
                    help="VAE decoder variants timed alone first (none: skip)")
     p.add_argument("--vae-dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    p.add_argument("--git-sha", default=None, help="the commit measured (the device copy has no .git)")
+    p.add_argument("--git-sha", help="the commit measured (default: this checkout's; a device copy has no .git)")
     p.add_argument("--dry-run", action="store_true", help="tiny preset on the CPU, fp32 (checks the script)")
     a = p.parse_args(argv)
     if a.dry_run:
@@ -279,7 +275,7 @@ def main(argv=None) -> int:
     frames = int(a.seconds * preset.fps)
     res = {
         "command": "python -m benchmarks.gpu " + " ".join(sys.argv[1:] if argv is None else argv),
-        "git_sha": a.git_sha,
+        "git_sha": a.git_sha or git_sha(),
         "device": {"name": torch.cuda.get_device_name() if device == "cuda" else platform.machine(),
                    "type": device, "dtype": str(dtype).removeprefix("torch."),
                    "vae_dtype": str(vae_dtype).removeprefix("torch."), **versions()},
@@ -338,7 +334,7 @@ def main(argv=None) -> int:
                             if device == "cuda" else None):
                 if device == "cuda":
                     torch.cuda.reset_peak_memory_stats()
-                sync(device)
+                _sync(device)
                 t = time.perf_counter()
                 first_run, first_cl = stream_once(gen, frames, device)  # warm-up: compile, capture, autotune
                 warm_s = time.perf_counter() - t

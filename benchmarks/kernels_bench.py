@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import git_sha
 import kernels  # noqa: F401  (on a CPU: TRITON_INTERPRET=1 before anything imports triton)
 from kernels.block_sparse import BlockTable, block_sparse_attention, block_sparse_attention_torch, select_blocks
 from kernels.linear_memory import fold, readout
@@ -240,7 +241,7 @@ def main(argv=None):
     ap.add_argument("--block", type=int, default=64)
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--threads", type=int, help="torch CPU threads")
-    ap.add_argument("--git-sha", help="the commit measured (recorded in the JSON; a device copy may have no .git)")
+    ap.add_argument("--git-sha", help="the commit measured (default: this checkout's; a device copy has no .git)")
     ap.add_argument("--dry-run", action="store_true",
                     help="run the CUDA benchmark's code on the CPU at toy sizes (checks the script, times nothing)")
     ap.add_argument("--process-time", action="store_true",
@@ -252,7 +253,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     result = {"command": "python -m benchmarks.kernels_bench " + " ".join(sys.argv[1:] if argv is None else argv),
-              "git_sha": args.git_sha,
+              "git_sha": args.git_sha or git_sha(),
               "torch": torch.__version__, "threads": torch.get_num_threads(), "platform": platform.platform(),
               "clock": "process_time" if args.process_time else "wall"}
     try:

@@ -95,6 +95,7 @@ def test_gpu_benchmark_dry_run_writes_every_system(tmp_path, restore_eager):
     assert main(["--dry-run", "--seconds", "1.5", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["model"]["preset"] == "tiny" and res["device"]["type"] == "cpu"
+    assert res["git_sha"] and res["git_sha"] != "unknown"  # this checkout's, with no --git-sha
     assert set(res["systems"]) == {"engine", "engine[graphs]", "engine[compile]", "engine[compile+graphs]",
                                    "engine[sparse]"}
     for name, r in res["systems"].items():
@@ -110,7 +111,7 @@ def test_gpu_benchmark_dry_run_writes_every_system(tmp_path, restore_eager):
     assert set(dec) == {"eager", "fpc3", "channels_last", "compile"}
     for name, r in dec.items():
         assert "error" not in r, (name, r)
-        assert r["ms_per_chunk"] > 0 and r["max_abs_diff_vs_first_variant"] < 1e-5, (name, r)
+        assert r["ms_per_chunk"] > 0 and r["max_abs_diff_vs_first_variant"] < 1e-4, (name, r)
 
 
 def test_gpu_benchmark_rejects_unknown_options():
@@ -137,8 +138,9 @@ def test_decoder_frames_per_call_and_compiled_decoder_equal_the_plain_stream(pre
         return torch.cat([dec.decode(c) for c in chunks], 2)
 
     want = vae.decode(z)
+    # other frame groupings reorder fp32 sums: up to ~2e-5 seen (seed 112, fpc 2) on outputs in [-1, 1]
     for fpc in (1, 2, 3):
-        torch.testing.assert_close(decode(fpc), want, atol=1e-5, rtol=1e-5, msg=f"seed={seed} fpc={fpc}")
+        torch.testing.assert_close(decode(fpc), want, atol=1e-4, rtol=1e-5, msg=f"seed={seed} fpc={fpc}")
     accel.compile_decoder(vae, backend="aot_eager")
     torch.testing.assert_close(decode(1), want, atol=1e-5, rtol=1e-5, msg=f"seed={seed} compiled")
     accel.reset_decoder(vae)
