@@ -15,20 +15,29 @@ from engine.sampler import shift_sigma  # noqa: F401  (re-exported for the train
 from engine.text import ShapesTextConfig, ShapesTextEncoder
 
 
+TEXT_KINDS = ("learned", "fixed")
+
+
 class Teacher(nn.Module):
-    """transformer (diffusers, bidirectional) + text (ShapesTextEncoder), trained together."""
+    """transformer (diffusers, bidirectional) + text (ShapesTextEncoder), trained together (a fixed-code
+    encoder has no parameters, so only the transformer trains)."""
 
     def __init__(self, transformer: WanTransformer3DModel, text: ShapesTextEncoder):
         super().__init__()
         self.transformer, self.text = transformer, text
 
     @classmethod
-    def from_preset(cls, preset, seed: int = 0) -> "Teacher":
+    def from_preset(cls, preset, seed: int = 0, text: str = "learned") -> "Teacher":
+        """text: "learned" (a small transformer trained with the teacher) or "fixed" (a fixed word code,
+        nothing to train: see ShapesTextEncoder)."""
+        if text not in TEXT_KINDS:
+            raise ValueError(f"text must be one of {', '.join(TEXT_KINDS)}, not {text!r}")
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             tr = WanTransformer3DModel(**preset.model.diffusers_kwargs())
-        text = ShapesTextEncoder(ShapesTextConfig(dim=preset.model.text_dim), seed=seed)
-        return cls(tr, text)
+        d = preset.model.text_dim
+        cfg = ShapesTextConfig.fixed_code(dim=d) if text == "fixed" else ShapesTextConfig(dim=d)
+        return cls(tr, ShapesTextEncoder(cfg, seed=seed))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """x [B, C, F, h, w] noisy latents, t [B] or per frame [B, F] in 0..1000, ids/lengths from

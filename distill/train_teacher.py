@@ -34,7 +34,7 @@ from engine.vae import VideoVAE
 
 from .data import LatentSet, ShapesClips, encode_clips, to_uint8
 from .shapes import sample_prompt
-from .teacher import Teacher, sample, shift_sigma
+from .teacher import TEXT_KINDS, Teacher, sample, shift_sigma
 from .trainer import Trainer, add_train_args, config_from_args, load_weights, setup_distributed
 
 
@@ -88,8 +88,8 @@ def noisy_frames_loss(model, x0, eps, sf, ids, lengths, device="cpu") -> torch.T
     return err.sum() / (w.sum() * x0.shape[1] * x0.shape[3] * x0.shape[4])
 
 
-def build(preset_name: str, seed: int = 0) -> Teacher:
-    return Teacher.from_preset(get_preset(preset_name), seed=seed)
+def build(preset_name: str, seed: int = 0, text: str = "learned") -> Teacher:
+    return Teacher.from_preset(get_preset(preset_name), seed=seed, text=text)
 
 
 def load_teacher(run: Path, preset_name: str, which: str = "ema") -> Teacher:
@@ -100,8 +100,9 @@ def load_teacher(run: Path, preset_name: str, which: str = "ema") -> Teacher:
         tr = WanTransformer3DModel.from_pretrained(str(run / "transformer")).float()
         t = Teacher(tr, ShapesTextEncoder.from_folder(run / "text_encoder").float())
     else:
-        t = build(preset_name)
-        t.load_state_dict(load_weights(run, which), strict=True)
+        state = load_weights(run, which)
+        t = build(preset_name, text="fixed" if "text.word_code" in state else "learned")
+        t.load_state_dict(state, strict=True)
     return t.eval().requires_grad_(False)
 
 
@@ -196,7 +197,11 @@ def _main(argv=None) -> int:
                    help="fraction of samples whose first 1..F-1 latent frames stay clean (context); the loss "
                         "counts the noisy rest (teaches the motion words)")
     p.add_argument("--init", metavar="DIR",
-                   help="start from these weights (an exported teacher or a run folder's EMA) instead of random")
+                   help="start from these weights (an exported teacher or a run folder's EMA) instead of random; "
+                        "with a different --text, only the transformer's")
+    p.add_argument("--text", choices=TEXT_KINDS, default="learned",
+                   help="text encoder: a small transformer trained with the teacher, or a fixed word code "
+                        "(nothing to train; every word stays distinct)")
     p.add_argument("--export", metavar="DIR", help="write transformer/ and text_encoder/ folders")
     p.add_argument("--eval", type=int, metavar="N", help="oracle adherence of N random prompts")
     p.add_argument("--probe", type=int, metavar="N",
@@ -233,9 +238,12 @@ def _main(argv=None) -> int:
         p.error(f"--p-context {args.p_context}: must lie in [0, 1]")
     if any(not 1 <= n <= data.latents.shape[2] for n in args.latent_lengths):
         p.error(f"--latent-lengths must lie in 1..{data.latents.shape[2]} (the cached clips' latent frames)")
-    teacher = build(args.preset, args.seed)
+    teacher = build(args.preset, args.seed, args.text)
     if args.init:  # the optimiser starts afresh: a new run folder, not a resume
-        teacher.load_state_dict(load_teacher(Path(args.init), args.preset).state_dict(), strict=True)
+        init = load_teacher(Path(args.init), args.preset)
+        same_text = init.text.cfg.fixed == (args.text == "fixed")
+        (teacher if same_text else teacher.transformer).load_state_dict(
+            (init if same_text else init.transformer).state_dict(), strict=True)
     teacher = teacher.to(device)
     task = TeacherTask(data, teacher.text, args.p_uncond, args.shift, device, tuple(args.latent_lengths),
                        args.p_context)

@@ -7,9 +7,10 @@ prompt's real tokens are exactly zero, so the transformer's cross-attention alwa
 fixed-length context and padding carries no information.
 
 Two implementations:
-- ShapesTextEncoder: a tiny word-level transformer for the synthetic "Shapes" dataset
-  (prompts like "a small red circle moving left on a black background"). Trained with
-  the rest of the toy model, saved as config.json + model.safetensors.
+- ShapesTextEncoder: word-level, for the synthetic "Shapes" dataset (prompts like "a small
+  red circle moving left on a black background"). Either a tiny transformer trained with
+  the rest of the toy model, or (`fixed=True`) a fixed code with nothing to train. Saved as
+  config.json + model.safetensors.
 - UMT5TextEncoder: umT5 (Wan 2.x) through `transformers`, from a local folder only.
 
 load_text_encoder(folder) picks the right one from folder/config.json.
@@ -57,6 +58,9 @@ SHAPES_WORDS = (
 )  # fmt: skip
 
 
+PHRASES = ("first object", "second object", "background")  # the fixed code's phrase slots
+
+
 @dataclass(frozen=True)
 class ShapesTextConfig:
     vocab: tuple[str, ...] = SPECIAL_TOKENS + SHAPES_WORDS
@@ -64,6 +68,9 @@ class ShapesTextConfig:
     num_layers: int = 2
     num_heads: int = 4
     max_len: int = 24
+    # True: no trained weights; each token is [word one-hot | position one-hot | phrase one-hot], see
+    # ShapesTextEncoder. Needs num_layers == 0.
+    fixed: bool = False
 
     def __post_init__(self):
         # JSON gives lists; keep the config hashable/immutable
@@ -73,10 +80,18 @@ class ShapesTextConfig:
                 raise ValueError(f"ShapesTextConfig.vocab must contain {tok!r}")
         if len(set(self.vocab)) != len(self.vocab):
             raise ValueError("ShapesTextConfig.vocab has duplicate entries")
-        if self.dim % self.num_heads != 0:
+        if not self.fixed and self.dim % self.num_heads != 0:
             raise ValueError(f"dim={self.dim} must be divisible by num_heads={self.num_heads}")
         if self.max_len < 1 or self.num_layers < 0:
             raise ValueError(f"bad max_len={self.max_len} / num_layers={self.num_layers}")
+        if self.fixed and self.num_layers != 0:
+            raise ValueError(f"a fixed code has no layers: num_layers must be 0, not {self.num_layers}")
+        if self.fixed and not {"and", "on"} <= set(self.vocab):
+            raise ValueError("a fixed code finds its phrases at 'and' and 'on': the vocab must contain both")
+
+    @classmethod
+    def fixed_code(cls, dim: int = 128, max_len: int = 24) -> "ShapesTextConfig":
+        return cls(dim=dim, num_layers=0, max_len=max_len, fixed=True)
 
 
 class Block(nn.Module):
@@ -105,7 +120,18 @@ class Block(nn.Module):
 
 class ShapesTextEncoder(nn.Module):
     """Word-level tokenizer + small transformer. `forward(tokens)` is differentiable (for
-    training); `encode(prompts)` is the no-grad inference entry point of TextEncoder."""
+    training); `encode(prompts)` is the no-grad inference entry point of TextEncoder.
+
+    With `cfg.fixed` there is no transformer and nothing to train: token t of a prompt is the sum of
+    three one-hots in disjoint slots of the dim channels: its word, its position t, and its phrase
+    (first object until "and", second object from "and", background from "on"), scaled so that a
+    token's norm is sqrt(dim), as after a LayerNorm. (Below len(vocab) + max_len + 3 channels the
+    one-hots do not fit, and fixed random unit vectors take their place.) Why: trained jointly with the teacher, the
+    transformer encoder kept the words the teacher used early (colour moves the prompt's embedding
+    by 19 of 33) and collapsed the rest (left and right ended 0.95 apart), so the teacher never got
+    the signal to learn them. A fixed code keeps every word of the 30-word grammar as distinct as
+    any other, and the phrase slot tells which object a word belongs to; the transformer's own text
+    projection is the learned part."""
 
     def __init__(self, cfg: ShapesTextConfig = ShapesTextConfig(), seed: int = 0):
         super().__init__()
@@ -116,6 +142,18 @@ class ShapesTextEncoder(nn.Module):
         self.pad_id = self.word_to_id["<pad>"]
         self.unk_id = self.word_to_id["<unk>"]
         self._warned: set[str] = set()  # unknown words already reported by this instance
+
+        if cfg.fixed:  # buffers, not parameters: saved and loaded like weights, never trained
+            nw, nt, n = len(cfg.vocab), cfg.max_len, len(cfg.vocab) + cfg.max_len + len(PHRASES)
+            if n <= cfg.dim:  # one-hots in disjoint channels (the shapes preset: 59 of 128)
+                code = torch.eye(cfg.dim)[:n]
+            else:  # too narrow (test presets): fixed random unit vectors, nearly orthogonal
+                code = F.normalize(torch.randn(n, cfg.dim, generator=torch.Generator().manual_seed(seed)), dim=1)
+            code = code * math.sqrt(cfg.dim / 3)
+            self.register_buffer("word_code", code[:nw].clone())
+            self.register_buffer("pos_code", code[nw:nw + nt].clone())
+            self.register_buffer("phrase_code", code[nw + nt:].clone())
+            return
 
         self.tok_emb = nn.Embedding(len(cfg.vocab), cfg.dim)
         self.pos_emb = nn.Embedding(cfg.max_len, cfg.dim)
@@ -140,7 +178,7 @@ class ShapesTextEncoder(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.tok_emb.weight.device
+        return self.word_code.device if self.cfg.fixed else self.tok_emb.weight.device
 
     @property
     def known_words(self) -> list[str]:
@@ -206,11 +244,21 @@ class ShapesTextEncoder(nn.Module):
         keep[:, 0] = True
         keep = keep[:, None, None, :]  # [B, 1, 1, T], broadcast over heads and queries
 
+        if self.cfg.fixed:
+            return self._code(ids, pos).masked_fill(~real[..., None], 0.0)
+
         x = self.tok_emb(ids) + self.pos_emb(pos)[None]  # [B, T, C]
         for block in self.blocks:
             x = block(x, keep)
         x = self.ln_f(x)
         return x.masked_fill(~real[..., None], 0.0)  # exact zeros on padding
+
+    def _code(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        # the fixed code: ids [B, T] -> [B, T, dim]. Phrase 0 up to "and", 1 from "and", 2 from "on".
+        seen_and = (ids == self.word_to_id["and"]).cumsum(1) > 0
+        seen_on = (ids == self.word_to_id["on"]).cumsum(1) > 0
+        phrase = torch.where(seen_on, 2, seen_and.long())
+        return self.word_code[ids] + self.pos_code[pos][None] + self.phrase_code[phrase]
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
         ids, lengths = self._tokenize(prompts)

@@ -147,3 +147,33 @@ def test_decoder_frames_per_call_and_compiled_decoder_equal_the_plain_stream(pre
     assert vae.vae.decoder._compiled_call_impl is None
     with pytest.raises(ValueError):
         vae.stream(0)
+
+
+def test_server_compile_flag_compiles_and_batched_sessions_get_the_same_frames(tmp_path, monkeypatch, restore_eager):
+    import numpy as np
+
+    from engine.init_model import random_model_folder
+    from server.__main__ import build_parser, engine_backend
+    from server.backend import SessionSpec, Work
+
+    model = tmp_path / "m"
+    random_model_folder("tiny", model, seed=0, weights_dtype=torch.float32)
+    calls = []
+
+    def fast_compile(backend="inductor", mode=None):  # inductor on a CPU costs minutes: trace only
+        calls.append(backend)
+        real(backend="aot_eager")
+
+    real = accel.compile_blocks
+    monkeypatch.setattr(accel, "compile_blocks", fast_compile)
+    parser = build_parser()
+    frames = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        backend = engine_backend(parser.parse_args(["--model", str(model), "--device", "cpu", *extra]), parser)
+        assert accel.is_compiled() == (name == "compiled")
+        states = [backend.open(SessionSpec(p, seed)) for p, seed in (("a red circle", 0), ("a blue square", 1))]
+        out = [backend.step([Work(s) for s in states]) for _ in range(3)]  # two sessions, batched
+        frames[name] = np.stack([np.concatenate([step[i].frames for step in out]) for i in range(2)])
+        accel.reset_compiled()
+    assert calls == ["inductor"]
+    assert np.abs(frames["eager"].astype(int) - frames["compiled"].astype(int)).max() <= 1

@@ -153,6 +153,14 @@ def test_training_pipeline_end_to_end_on_tiny(tmp_path):
     c = train_teacher.load_teacher(tmp_path / "teacher2", "tiny", which="model")
     for k, v in b.state_dict().items():
         torch.testing.assert_close(c.state_dict()[k], v, atol=0, rtol=0)
+    # --text fixed from that export: its transformer carries over, the text becomes the fixed code (no weights)
+    assert train_teacher.main(args + ["--out", str(tmp_path / "teacher3"), "--steps", "1", "--init",
+                                      str(tmp_path / "t_out"), "--lr", "0", "--text", "fixed"]) == 0
+    assert train_teacher.main(common + ["--out", str(tmp_path / "teacher3"), "--export", str(tmp_path / "t3")]) == 0
+    for d in (train_teacher.load_teacher(tmp_path / d, "tiny", which="model") for d in ("teacher3", "t3")):
+        assert d.text.cfg.fixed and list(d.text.parameters()) == []
+        for k, v in b.transformer.state_dict().items():
+            torch.testing.assert_close(d.transformer.state_dict()[k], v, atol=0, rtol=0)
     assert ode_init.main(common + ["--teacher", str(tmp_path / "t_out"), "--vae", str(tmp_path / "vae_out"),
                                    "--pairs", str(tmp_path / "pairs.safetensors"), "--num-pairs", "3",
                                    "--latent-frames", "4", "--substeps", "1", "--out", str(tmp_path / "ode"),

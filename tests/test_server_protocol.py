@@ -684,6 +684,7 @@ def test_sigterm_in_a_real_process():
     (["--max-sessions", "0"], "--max-sessions"),
     (["--max-batch", "0"], "--max-batch"),
     (["--allowed-origin", "evil"], "--allowed-origin"),
+    (["--stub", "--compile"], "--compile"),
     (["--model", "no/such/model-folder"], "no/such/model-folder"),
     (["--no-such-flag"], "--no-such-flag"),
 ])

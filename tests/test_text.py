@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from engine.text import (
     ShapesTextConfig,
@@ -109,6 +110,49 @@ def test_shapes_forward_is_differentiable(shapes):
     shapes(ids).sum().backward()
     assert shapes.tok_emb.weight.grad is not None
     shapes.zero_grad(set_to_none=True)
+
+
+# the fixed code (ShapesTextConfig.fixed_code)
+
+
+def test_fixed_code_keeps_every_word_apart_and_tells_the_objects_apart():
+    enc = ShapesTextEncoder(ShapesTextConfig.fixed_code(dim=96, max_len=24))
+    assert list(enc.parameters()) == []  # nothing to train
+    two = "a red circle moving left and a small blue square moving up quickly on a black background"
+    pairs = ["a red circle moving left on a black background", "a red circle moving right on a black background"]
+    x = enc.encode([two] + pairs)
+    n = len(two.split())
+    assert torch.allclose(x[0, :n].norm(dim=-1), torch.full((n,), 96 ** 0.5))  # like a LayerNorm output
+    assert (x[0, n:] == 0).all() and (x[1, 10:] == 0).all()
+    # swapping one word changes exactly that token, by the same amount for any two words
+    diff = (x[1] - x[2]).norm(dim=-1)
+    assert diff[4].item() == pytest.approx((2 * 96 / 3) ** 0.5) and (diff[torch.arange(24) != 4] == 0).all()
+    # a token is word + position + phrase: first object up to "and", second from "and", background from "on"
+    w = two.split()
+
+    def phrase(t):
+        return x[0, t] - enc.word_code[enc.word_to_id[w[t]]] - enc.pos_code[t]
+
+    for t, ph in ((0, 0), (w.index("and") - 1, 0), (w.index("and"), 1), (w.index("on") - 1, 1), (w.index("on"), 2),
+                  (n - 1, 2)):
+        assert torch.equal(phrase(t), enc.phrase_code[ph]), (t, w[t])
+    assert enc.encode([""]).abs().sum() == 0  # the unconditional prompt is all zeros
+
+
+def test_fixed_code_round_trip_and_config_errors(tmp_path):
+    enc = ShapesTextEncoder(ShapesTextConfig.fixed_code())
+    enc.save(tmp_path / "te")
+    loaded = load_text_encoder(tmp_path / "te")
+    assert loaded.cfg.fixed and torch.equal(loaded.encode(PROMPTS), enc.encode(PROMPTS))
+    with pytest.raises(ValueError, match="num_layers must be 0"):
+        ShapesTextConfig(fixed=True)
+    narrow = ShapesTextEncoder(ShapesTextConfig.fixed_code(dim=32), seed=0)  # 59 one-hots do not fit
+    code = torch.cat([narrow.word_code, narrow.pos_code, narrow.phrase_code])
+    assert torch.allclose(code.norm(dim=1), torch.full((59,), (32 / 3) ** 0.5))
+    cos = F.normalize(code, dim=1) @ F.normalize(code, dim=1).T
+    assert (cos - torch.eye(59)).abs().max() < 0.9  # every word, position and phrase distinct
+    with pytest.raises(ValueError, match="'and' and 'on'"):
+        ShapesTextConfig(vocab=("<pad>", "<unk>", "a", "red"), num_layers=0, fixed=True)
 
 
 # -----------------------------------------------------------------------------
