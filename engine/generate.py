@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--sink", choices=["none", "static", "ema"], help="override the model's sink policy")
     p.add_argument("--window", type=int, metavar="LATENT_FRAMES", help="override the rolling window length")
+    p.add_argument("--fp8", action="store_true",
+                   help="FP8 weights in the transformer blocks (engine/fp8.py): half of bf16's memory; FP8 matmuls "
+                        "on GPUs of compute capability 8.9+ with --dtype bfloat16")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the transformer blocks' tensor work (engine/accel.py; costs seconds at start)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
@@ -98,6 +101,10 @@ def main(argv=None) -> int:
     except ValueError as e:
         parser.error(f"--out: {e}")
 
+    if a.fp8:
+        from .fp8 import quantize_fp8
+
+        quantize_fp8(model.transformer)
     if a.compile:
         from .accel import compile_blocks
 

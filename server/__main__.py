@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-session-seconds", type=float, default=0.0, help="generation time limit (0 = none)")
     p.add_argument("--stub", action="store_true", help="synthetic frames instead of a model")
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up pass at start-up")
+    p.add_argument("--fp8", action="store_true", help="FP8 weights in the transformer blocks, as for engine.generate")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the transformer blocks' tensor work (engine/accel.py): faster forwards on a "
                         "GPU, seconds to minutes of compilation before the server listens")
@@ -69,6 +70,10 @@ def engine_backend(a: argparse.Namespace, parser: argparse.ArgumentParser):
         model = load_model_folder(a.model, device=device, dtype=getattr(torch, a.dtype))
     except ModelLoadError as e:
         parser.error(f"--model: {e}")
+    if a.fp8:
+        from engine.fp8 import quantize_fp8
+
+        quantize_fp8(model.transformer)
     if a.compile:
         from engine import accel
 
@@ -110,6 +115,8 @@ def main(argv=None) -> int:
             parser.error(f"{flag} must be >= 0, got {v}")
     if a.stub and a.compile:
         parser.error("--compile needs a model: it cannot go with --stub")
+    if a.stub and a.fp8:
+        parser.error("--fp8 needs a model: it cannot go with --stub")
     if a.token is not None and not a.token.strip():
         parser.error("--token must not be empty")
     for o in a.allowed_origin:

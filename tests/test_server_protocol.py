@@ -685,6 +685,7 @@ def test_sigterm_in_a_real_process():
     (["--max-batch", "0"], "--max-batch"),
     (["--allowed-origin", "evil"], "--allowed-origin"),
     (["--stub", "--compile"], "--compile"),
+    (["--stub", "--fp8"], "--fp8"),
     (["--model", "no/such/model-folder"], "no/such/model-folder"),
     (["--no-such-flag"], "--no-such-flag"),
 ])
