@@ -18,6 +18,7 @@ measured from a fresh stream. A system is `engine` (eager, dense SDPA) or `engin
     vae       the VAE decoder compiled (engine/accel.py)
     fpc3      the streaming decoder takes 3 latent frames per call instead of 1
     sparse    block-sparse window attention at 20% (Triton) + linear memory
+    fp8       FP8 weights in the blocks (engine/fp8.py: torch._scaled_mm on compute capability 8.9+), on a copy
 Reported per system: fps (decode included), fps without decode, first-frame latency (warm), per-chunk p50/p95,
 stage means, one steady-state forward (CUDA events), peak GPU memory; the eager system's cold first chunk (the
 first call in the process) and each system's warm-up time (compilation, capture). Checks, each system against
@@ -302,7 +303,7 @@ def main(argv=None) -> int:
 
     sparse_cfg = replace(preset.cache, sparse_topk=0.2, linear_memory=True,
                          sparse_block=min(preset.cache.sparse_block, preset.tokens_per_frame))
-    known = {"graphs", "compile", "cudnn", "flash", "vae", "fpc3", "sparse"}
+    known = {"graphs", "compile", "cudnn", "flash", "vae", "fpc3", "sparse", "fp8"}
     for name in a.systems:
         if {"cudnn", "flash"} <= set(name.split("+")):
             p.error(f"--systems {name}: cudnn and flash are two orders of one preference, pick one")
@@ -328,7 +329,16 @@ def main(argv=None) -> int:
                 accel.compile_decoder(vae, backend=compile_backend)
             if "sparse" in opts and not model.has_linear_memory:
                 model.enable_linear_memory()  # zero projections: a trained one's outputs differ, not its cost
-            gen = VideoGenerator(m, cache_cfg=cache_cfg, cuda_graphs="graphs" in opts,
+            ms = m
+            if "fp8" in opts:  # quantizing is in place: a copy, so the other systems keep their weights
+                import copy
+
+                from engine.fp8 import quantize_fp8
+
+                ms = SimpleNamespace(**{**vars(m), "transformer": copy.deepcopy(model)})
+                r_fp8 = {"fp8_linears": quantize_fp8(ms.transformer), "fp8_mode": next(
+                    x.mode for x in ms.transformer.modules() if type(x).__name__ == "FP8Linear")}
+            gen = VideoGenerator(ms, cache_cfg=cache_cfg, cuda_graphs="graphs" in opts,
                                  decoder_frames_per_call=3 if "fpc3" in opts else 1)
             with sdpa_order(("cudnn" if "cudnn" in opts else "flash" if "flash" in opts else None)
                             if device == "cuda" else None):
@@ -347,6 +357,8 @@ def main(argv=None) -> int:
                     r["graphs_captured"] = gen.stream.graphs.captures
                     r["replay_vs_eager_forward"] = replay_check(gen)
             r["options"] = sorted(opts)
+            if "fp8" in opts:
+                r.update(r_fp8)
             r["cache"] = {k: getattr(cache_cfg, k) for k in ("sink", "sink_frames", "window_frames",
                                                              "sparse_topk", "sparse_block", "linear_memory")}
             if name == "engine":
@@ -365,6 +377,7 @@ def main(argv=None) -> int:
             accel.reset_compiled()
             accel.reset_decoder(vae)
             del gen
+            ms = None
             if device == "cuda":
                 torch.cuda.empty_cache()
         write()

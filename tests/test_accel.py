@@ -177,3 +177,18 @@ def test_server_compile_flag_compiles_and_batched_sessions_get_the_same_frames(t
         accel.reset_compiled()
     assert calls == ["inductor"]
     assert np.abs(frames["eager"].astype(int) - frames["compiled"].astype(int)).max() <= 1
+
+
+def test_gpu_benchmark_dry_run_fp8_system_quantizes_a_copy(tmp_path, restore_eager):
+    from benchmarks.gpu import main
+
+    out = tmp_path / "gpu.json"
+    assert main(["--dry-run", "--seconds", "1", "--json", str(out), "--systems", "fp8", "engine",
+                 "--decode-variants"]) == 0
+    res = json.loads(out.read_text())
+    r = res["systems"]["engine[fp8]"]
+    assert "error" not in r, r
+    assert r["fp8_linears"] == 20 and r["fp8_mode"] == "weight_only" and r["fps"] > 0  # tiny: 2 blocks x 10
+    # eager ran after it on the original weights: the FP8 copy's latents differ from them, a little
+    d = res["checks"]["fp8_vs_eager_clean_latents"]
+    assert 0 < d["max"] < 0.5, d
