@@ -57,12 +57,16 @@ def to_uint8(video: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def encode_clips(vae, clips: ShapesClips, count: int, out: str | Path, batch: int = 8, quiet: bool = False) -> Path:
-    """Encodes clips 0..count-1 with `vae` (a VideoVAE: normalised latents) into one safetensors file (fp16)."""
+def encode_clips(vae, clips: ShapesClips, count: int, out: str | Path, batch: int = 8, quiet: bool = False,
+                 workers: int = 0) -> Path:
+    """Encodes clips 0..count-1 with `vae` (a VideoVAE: normalised latents) into one safetensors file (fp16).
+    workers > 0 renders in that many processes (on a GPU host the renderer, not the encoder, is the slow part);
+    the file is the same either way."""
     out = Path(out)
     lat, prompts = [], []
-    for s in tqdm(range(0, count, batch), desc="encode latents", unit="batch", disable=quiet):
-        p, video = clips.videos(range(s, min(count, s + batch)))
+    groups = [range(s, min(count, s + batch)) for s in range(0, count, batch)]
+    loader = torch.utils.data.DataLoader(groups, batch_size=None, num_workers=workers, collate_fn=clips.videos)
+    for p, video in tqdm(loader, desc="encode latents", unit="batch", disable=quiet):
         lat.append(vae.encode(video).half().cpu())
         prompts += p
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -188,6 +188,8 @@ def _main(argv=None) -> int:
     p.add_argument("--latents", default="runs/latents-shapes.safetensors")
     p.add_argument("--clips", type=int, default=4000, help="clips to render and encode when --latents is new")
     p.add_argument("--frames", type=int, default=33, help="video frames per clip (1 + 4k)")
+    p.add_argument("--render-workers", type=int, default=0,
+                   help="processes rendering clips when --latents is new (default 0: in this process)")
     p.add_argument("--latent-lengths", type=int, nargs="*", default=[], metavar="N",
                    help="train each batch on the first N latent frames of its clips, N taken from these in turn "
                         "(e.g. 5 5 9: two batches in three at 5 frames; default: whole clips)")
@@ -228,9 +230,9 @@ def _main(argv=None) -> int:
     lat = Path(args.latents)
     if not lat.exists():
         if rank == 0:
-            vae = VideoVAE.from_folder(args.vae)
-            encode_clips(vae, ShapesClips(preset.width, preset.height, args.frames, seed=args.seed), args.clips, lat,
-                         quiet=args.quiet)
+            vae = VideoVAE.from_folder(args.vae, device=device)
+            encode_clips(vae, ShapesClips(preset.width, preset.height, args.frames, seed=args.seed),
+                         args.clips, lat, quiet=args.quiet, workers=args.render_workers)
         if world > 1:
             torch.distributed.barrier()
     data = LatentSet(lat)

@@ -55,6 +55,8 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     keep: int = 2                   # checkpoints kept
+    max_minutes: float | None = None  # stop (with a checkpoint) after the first step past this wall time; resume goes on
+    amp: str = "none"               # none | bf16: the loss under torch.autocast (weights, optimizer, EMA stay fp32)
 
     def __post_init__(self):
         if self.lr_schedule not in ("constant", "cosine"):
@@ -64,6 +66,10 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.steps < 0 or self.warmup_steps < 0:
             raise ValueError("TrainConfig.steps and warmup_steps must be >= 0")
+        if self.amp not in ("none", "bf16"):
+            raise ValueError(f"TrainConfig.amp must be 'none' or 'bf16', not {self.amp!r}")
+        if self.max_minutes is not None and self.max_minutes < 0:
+            raise ValueError(f"TrainConfig.max_minutes must be >= 0, got {self.max_minutes}")
 
 
 class Task(Protocol):
@@ -221,6 +227,13 @@ class Trainer:
             self.ddp = DDP(self.model, device_ids=ids, **(ddp_kwargs or {}))
             dist.barrier()
 
+    def _out_of_time(self, t_start: float) -> bool:
+        """max_minutes passed since run() began (rank 0's clock decides, so all ranks stop at the same step)."""
+        late = torch.tensor([float(time.perf_counter() - t_start >= 60.0 * self.cfg.max_minutes)], device=self.device)
+        if self.world > 1:
+            dist.broadcast(late, 0)
+        return bool(late.item())
+
     # ------------------------------------------------------------------------------------ checkpoints
     def _load(self, ckpt: Path):
         state = _read(ckpt / "state.json")
@@ -313,8 +326,9 @@ class Trainer:
     # -------------------------------------------------------------------------------------- training
     @torch.no_grad()
     def _update_ema(self):
-        for e, p in zip(self.ema.parameters(), self.model.parameters()):
-            e.lerp_(p.float(), 1.0 - self.cfg.ema_decay)
+        # one foreach call, not a kernel per tensor (a GPU step of a small model is launch-bound)
+        torch._foreach_lerp_(list(self.ema.parameters()), [p.float() for p in self.model.parameters()],
+                             1.0 - self.cfg.ema_decay)
         for e, b in zip(self.ema.buffers(), self.model.buffers()):
             e.copy_(b)
 
@@ -329,7 +343,9 @@ class Trainer:
         batch = _to(self.task.batch(list(range(start, start + cfg.batch_size))), self.device)
         sync = self.ddp is None or m == cfg.grad_accum - 1  # DDP all-reduces once, after the last micro-batch
         with contextlib.nullcontext() if sync else self.ddp.no_sync():
-            loss, metrics = self.task.loss(model, batch, gen)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
+                loss, metrics = self.task.loss(model, batch, gen)
+            loss = loss.float()
             if loss.dim() != 0:
                 raise ValueError(f"Task.loss must return a scalar (mean over the micro-batch), not {tuple(loss.shape)}")
             (loss / cfg.grad_accum).backward()  # the step's gradient is the mean over micro-batches
@@ -384,6 +400,10 @@ class Trainer:
             bar.update(1)
             if self.on_step is not None:
                 self.on_step(self)
+            if cfg.max_minutes is not None and self._out_of_time(t_start):
+                if self.rank == 0 and self.step % cfg.ckpt_every != 0 and self.step != cfg.steps:
+                    self.save()
+                break
         bar.close()
         if self.world > 1:  # the final checkpoint is on disk before any rank goes on to read it
             dist.barrier()
@@ -406,6 +426,8 @@ _ARGS = [  # flag, TrainConfig field, type, help
     ("--log-every", "log_every", int, "log every N steps"),
     ("--seed", "seed", int, "seed of data order and noise"),
     ("--keep", "keep", int, "checkpoints kept"),
+    ("--max-minutes", "max_minutes", float, "stop after this much wall time, with a checkpoint (resume goes on)"),
+    ("--amp", "amp", str, "none | bf16: autocast the loss (on a GPU: bf16 tensor cores)"),
 ]
 _ALIASES = {"warmup": "warmup_steps", "ema": "ema_decay"}
 

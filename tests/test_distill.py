@@ -195,6 +195,25 @@ def test_training_clis_bad_input_one_line_exit_2(tmp_path, capsys):
         assert rc == 2 and needle in err and err.count("\n") == 1 and "Traceback" not in err, err
 
 
+def test_latent_cache_rendered_in_worker_processes_is_the_same_file(tmp_path):
+    from safetensors import safe_open
+
+    from distill.data import LatentSet, ShapesClips, encode_clips
+    from engine.config import get_preset
+    from engine.vae import VideoVAE
+
+    preset = get_preset("tiny")
+    vae = VideoVAE.from_config(preset.vae, seed=0)
+    clips = ShapesClips(preset.width, preset.height, 5, seed=3)
+    a = encode_clips(vae, clips, 7, tmp_path / "a.safetensors", batch=3, quiet=True)  # groups of 3, 3, 1
+    b = encode_clips(vae, clips, 7, tmp_path / "b.safetensors", batch=3, quiet=True, workers=2)
+    la, lb = LatentSet(a), LatentSet(b)
+    assert la.prompts == lb.prompts == [clips.clip(i)[0] for i in range(7)]
+    assert torch.equal(la.latents, lb.latents) and la.latents.shape[0] == 7
+    with safe_open(str(a), "pt") as f, safe_open(str(b), "pt") as g:
+        assert f.metadata() == g.metadata()
+
+
 def test_vae_scene_cuts_at_latent_group_boundaries():
     from distill.train_vae import VAETask
 

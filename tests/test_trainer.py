@@ -124,6 +124,35 @@ def test_ema_is_the_hand_computed_average(tmp_path, one_thread):
         assert torch.equal(load_weights(tmp_path, "model")[k], seen[-1][k])
 
 
+def test_max_minutes_stops_with_a_checkpoint_and_resume_goes_on_exactly(tmp_path, one_thread):
+    args = ["--steps", "7", "--ckpt-every", "5", "--log-every", "3", "--ema", "0.9", "--quiet"]
+    toy.main([*args, "--out", str(tmp_path / "full")])
+    # --max-minutes 0: every invocation stops after one step, saving a checkpoint off the --ckpt-every grid
+    for k in range(1, 4):
+        t = toy.main([*args, "--out", str(tmp_path / "cut"), "--max-minutes", "0"])
+        assert t.step == k and (tmp_path / "cut/checkpoints/latest").read_text().strip() == f"step_{k:06d}"
+    toy.main([*args, "--out", str(tmp_path / "cut")])
+    full, cut = _log(tmp_path / "full"), _log(tmp_path / "cut")
+    assert [r["step"] for r in cut] == [3, 6, 7]  # the log's partial sums travelled in the checkpoints
+    for key in ("loss", "grad_norm", "max_err"):
+        assert [r[key] for r in cut] == [r[key] for r in full], key
+    for which in ("model", "ema"):
+        a, b = load_weights(tmp_path / "full", which), load_weights(tmp_path / "cut", which)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_amp_bf16_autocasts_the_loss(tmp_path, one_thread):
+    toy.main(["--steps", "3", "--quiet", "--noise", "0", "--out", str(tmp_path / "a")])
+    b = toy.main(["--steps", "3", "--quiet", "--noise", "0", "--out", str(tmp_path / "b"), "--amp", "bf16"])
+    # the matmuls ran in bf16: the two runs' losses differ, a little
+    la, lb = (torch.tensor([r["loss"] for r in _log(tmp_path / d)]) for d in ("a", "b"))
+    assert not torch.equal(la, lb)
+    torch.testing.assert_close(lb, la, rtol=0.05, atol=1e-3)
+    assert all(p.dtype == torch.float32 for p in b.model.parameters())  # weights stay fp32
+    with pytest.raises(ValueError, match="amp"):
+        TrainConfig(steps=1, amp="fp16")
+
+
 def test_corrupt_checkpoint_names_the_file(tmp_path, one_thread):
     toy.main(["--out", str(tmp_path), "--steps", "3", "--quiet"])
     bad = tmp_path / "checkpoints/step_000003/model.safetensors"
