@@ -106,12 +106,14 @@ def load_teacher(run: Path, preset_name: str, which: str = "ema") -> Teacher:
     return t.eval().requires_grad_(False)
 
 
-def export_teacher(teacher: Teacher, out: Path) -> None:
+def export_teacher(teacher: Teacher, out: Path, shard_mb: float | None = None) -> None:
     """transformer/ (diffusers, fp16 safetensors: half the size, and the sampler runs in float32 anyway) and
-    text_encoder/."""
+    text_encoder/. shard_mb splits the transformer's weights into files of at most that size (diffusers' sharded
+    layout, which from_pretrained reads), e.g. to bring them back from a machine that returns small files only."""
     import copy
 
-    copy.deepcopy(teacher.transformer).half().save_pretrained(str(out / "transformer"), safe_serialization=True)
+    kw = {"max_shard_size": int(shard_mb * 2**20)} if shard_mb else {}
+    copy.deepcopy(teacher.transformer).half().save_pretrained(str(out / "transformer"), safe_serialization=True, **kw)
     teacher.text.save(out / "text_encoder")
 
 
@@ -205,6 +207,7 @@ def _main(argv=None) -> int:
                    help="text encoder: a small transformer trained with the teacher, or a fixed word code "
                         "(nothing to train; every word stays distinct)")
     p.add_argument("--export", metavar="DIR", help="write transformer/ and text_encoder/ folders")
+    p.add_argument("--export-shard-mb", type=float, metavar="MB", help="with --export: weight files of at most MB each")
     p.add_argument("--eval", type=int, metavar="N", help="oracle adherence of N random prompts")
     p.add_argument("--probe", type=int, metavar="N",
                    help="loss with each prompt word swapped on N one-object clips of --latents: which words it uses")
@@ -220,7 +223,7 @@ def _main(argv=None) -> int:
         if args.probe:
             print(json.dumps(prompt_probe(teacher, LatentSet(args.latents), args.probe)))
         if args.export:
-            export_teacher(teacher, Path(args.export))
+            export_teacher(teacher, Path(args.export), args.export_shard_mb)
             print(args.export)
         if args.eval:
             print(json.dumps(evaluate(teacher, VideoVAE.from_folder(args.vae), preset, args.eval, args.frames,

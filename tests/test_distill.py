@@ -157,7 +157,11 @@ def test_training_pipeline_end_to_end_on_tiny(tmp_path):
     assert train_teacher.main(args + ["--out", str(tmp_path / "teacher3"), "--steps", "1", "--init",
                                       str(tmp_path / "t_out"), "--lr", "0", "--text", "fixed"]) == 0
     assert train_teacher.main(common + ["--out", str(tmp_path / "teacher3"), "--export", str(tmp_path / "t3")]) == 0
-    for d in (train_teacher.load_teacher(tmp_path / d, "tiny", which="model") for d in ("teacher3", "t3")):
+    # sharded (what distill/gpu_teacher.sh brings back in small files): several weight files, the same teacher
+    assert train_teacher.main(common + ["--out", str(tmp_path / "teacher3"), "--export", str(tmp_path / "t3s"),
+                                        "--export-shard-mb", "0.02"]) == 0
+    assert len(list((tmp_path / "t3s/transformer").glob("*.safetensors"))) > 1
+    for d in (train_teacher.load_teacher(tmp_path / d, "tiny", which="model") for d in ("teacher3", "t3", "t3s")):
         assert d.text.cfg.fixed and list(d.text.parameters()) == []
         for k, v in b.transformer.state_dict().items():
             torch.testing.assert_close(d.transformer.state_dict()[k], v, atol=0, rtol=0)

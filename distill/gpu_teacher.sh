@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Train the Shapes teacher on one lent GPU, inside a device lease, and bring back what matters:
+#
+#   bash distill/gpu_teacher.sh OUTDIR [MINUTES]     # on the device: bash distill/gpu_teacher.sh "$OUT" 7
+#
+# Why: on the 2-core CPU the teacher gets ~7,000 steps of 16 clips in four hours and stays at oracle adherence
+# ~0.4 (README, "Where the teacher stands"); this measures what 10-30x the samples buy at the same model size.
+# Steps: render 10,000 clips in worker processes and encode them on the GPU; train from scratch with the fixed
+# text code, bf16 autocast, 64 clips a step, until MINUTES have passed (a checkpoint is saved when time is up);
+# then write to OUTDIR the log, the teacher (fp16, in files under 16 MB) and its oracle adherence on 50 prompts.
+# Every file this writes sits at most two folders below OUTDIR.
+set -euo pipefail
+OUTDIR=${1:?usage: bash distill/gpu_teacher.sh OUTDIR [MINUTES]}
+MINUTES=${2:-7}
+RUN=runs/teacher-gpu
+mkdir -p "$OUTDIR"
+python -m distill.train_teacher --vae assets/shapes/vae --latents runs/latents-gpu.safetensors --clips 10000 \
+    --render-workers 12 --out "$RUN" --text fixed --batch-size 64 --lr 3e-4 --warmup 500 --steps 1000000 \
+    --max-minutes "$MINUTES" --amp bf16 --shift 5 --latent-lengths 5 5 9 --p-context 0.3 --ckpt-every 5000 \
+    --log-every 100 --quiet
+cp "$RUN/log.jsonl" "$OUTDIR/teacher-gpu-log.jsonl"
+python -m distill.train_teacher --out "$RUN" --export "$OUTDIR/teacher-gpu" --export-shard-mb 12 --eval 50 \
+    | tee "$OUTDIR/teacher-gpu-eval.txt"
