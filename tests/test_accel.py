@@ -59,23 +59,32 @@ def test_compiled_blocks_equal_eager_and_compile_once_for_all_blocks(restore_eag
     assert not accel.is_compiled()
 
 
-def test_generate_compile_flag_compiles_and_gives_the_same_video(tmp_path, monkeypatch, restore_eager, capsys):
-    import numpy as np
-    from PIL import Image
-
-    from engine.generate import main
+@pytest.fixture
+def tiny_folder_and_traced_compile(tmp_path, monkeypatch, restore_eager):
+    """A tiny random model folder, and compile_blocks patched to trace with aot_eager (inductor on a CPU costs
+    minutes) while recording the backend it was asked for."""
     from engine.init_model import random_model_folder
 
     model = tmp_path / "m"
     random_model_folder("tiny", model, seed=0, weights_dtype=torch.float32)
     calls = []
+    real = accel.compile_blocks
 
-    def fast_compile(backend="inductor", mode=None):  # inductor on a CPU costs minutes: trace only
+    def traced(backend="inductor", mode=None):
         calls.append(backend)
         real(backend="aot_eager")
 
-    real = accel.compile_blocks
-    monkeypatch.setattr(accel, "compile_blocks", fast_compile)
+    monkeypatch.setattr(accel, "compile_blocks", traced)
+    return model, calls
+
+
+def test_generate_compile_flag_compiles_and_gives_the_same_video(tmp_path, tiny_folder_and_traced_compile):
+    import numpy as np
+    from PIL import Image
+
+    from engine.generate import main
+
+    model, calls = tiny_folder_and_traced_compile
     videos = {}
     for name, extra in (("eager", []), ("compiled", ["--compile"])):
         out = tmp_path / name
@@ -149,23 +158,13 @@ def test_decoder_frames_per_call_and_compiled_decoder_equal_the_plain_stream(pre
         vae.stream(0)
 
 
-def test_server_compile_flag_compiles_and_batched_sessions_get_the_same_frames(tmp_path, monkeypatch, restore_eager):
+def test_server_compile_flag_compiles_and_batched_sessions_get_the_same_frames(tiny_folder_and_traced_compile):
     import numpy as np
 
-    from engine.init_model import random_model_folder
     from server.__main__ import build_parser, engine_backend
     from server.backend import SessionSpec, Work
 
-    model = tmp_path / "m"
-    random_model_folder("tiny", model, seed=0, weights_dtype=torch.float32)
-    calls = []
-
-    def fast_compile(backend="inductor", mode=None):  # inductor on a CPU costs minutes: trace only
-        calls.append(backend)
-        real(backend="aot_eager")
-
-    real = accel.compile_blocks
-    monkeypatch.setattr(accel, "compile_blocks", fast_compile)
+    model, calls = tiny_folder_and_traced_compile
     parser = build_parser()
     frames = {}
     for name, extra in (("eager", []), ("compiled", ["--compile"])):
