@@ -159,16 +159,24 @@ def windows_mean(frames, prompt: str, window: int = 32) -> float:
 
 
 def evaluate_engine(model_path, n: int = 50, seconds: float = 2.0, stream_seconds: float = 0.0, seed: int = 4321,
-                    quiet: bool = False) -> dict:
+                    quiet: bool = False, sparse_topk: float | None = None) -> dict:
     """Oracle adherence of a model folder generating through the streaming engine (its preset's cache and
     sampler): n random prompts of `seconds` each; with stream_seconds, one long stream scored over its first
-    and last 10 s."""
+    and last 10 s. sparse_topk: block-sparse window attention at that density instead (blocks of one latent
+    frame's tokens at most, so that a chunk spans several)."""
+    import dataclasses
+
     import numpy as np
 
     from benchmarks.oracle import check_means, score_video
     from engine.pipeline import VideoGenerator
 
-    gen = VideoGenerator(load_model_folder(model_path))
+    model = load_model_folder(model_path)
+    cache = model.preset.cache
+    if sparse_topk is not None:
+        cache = dataclasses.replace(cache, sparse_topk=sparse_topk,
+                                    sparse_block=min(cache.sparse_block, model.preset.tokens_per_frame))
+    gen = VideoGenerator(model, cache_cfg=cache)
     rng = random.Random(seed)
     prompts = [sample_prompt(rng) for _ in range(n)]
 
@@ -178,7 +186,8 @@ def evaluate_engine(model_path, n: int = 50, seconds: float = 2.0, stream_second
     reports = [score_video(video(p, int(seconds * gen.fps), seed + i), p)
                for i, p in enumerate(tqdm(prompts, desc="eval prompts", disable=quiet))]
     res = {"model": str(model_path), "prompts": n, "seconds": seconds, "steps": len(gen.stream.sampler_cfg.timesteps),
-           "adherence": sum(r.score for r in reports) / max(n, 1), "checks": check_means(reports)}
+           "adherence": sum(r.score for r in reports) / max(n, 1), "checks": check_means(reports),
+           "sparse_topk": cache.sparse_topk}
     if stream_seconds:
         p, w = prompts[0], 10 * gen.fps
         v = video(p, int(stream_seconds * gen.fps), seed)
@@ -219,7 +228,11 @@ def _main(argv=None) -> int:
     p.add_argument("--eval", type=int, metavar="N", help="oracle adherence of N prompts through the engine")
     p.add_argument("--model", help="model folder for --eval (default: --export or assets/shapes)")
     p.add_argument("--stream-seconds", type=float, default=120.0)
+    p.add_argument("--eval-sparse", type=float, metavar="F",
+                   help="--eval with block-sparse window attention keeping this fraction of key blocks (e.g. 0.2)")
     args = p.parse_args(argv)
+    if args.eval_sparse is not None and not 0.0 < args.eval_sparse <= 1.0:
+        p.error(f"--eval-sparse {args.eval_sparse}: must lie in (0, 1]")
     preset = get_preset(args.preset)
     sampler = preset.sampler
     if args.export:
@@ -227,7 +240,8 @@ def _main(argv=None) -> int:
         print(args.export)
     if args.eval:
         print(json.dumps(evaluate_engine(args.model or args.export or "assets/shapes", args.eval,
-                                         stream_seconds=args.stream_seconds, quiet=args.quiet)))
+                                         stream_seconds=args.stream_seconds, quiet=args.quiet,
+                                         sparse_topk=args.eval_sparse)))
     if args.export or args.eval:
         return 0
     from .train_teacher import load_teacher

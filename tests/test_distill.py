@@ -177,6 +177,10 @@ def test_training_pipeline_end_to_end_on_tiny(tmp_path):
     frames = np.concatenate([c.frames for c in VideoGenerator(m).run([(0, "a red circle bouncing on a black "
                                                                             "background")], 9, seed=0)])
     assert frames.shape == (9, 32, 32, 3)
+    # its oracle evaluation through the engine, dense and block-sparse (blocks of one latent frame: 4 of 16 kept)
+    res = {f: ode_init.evaluate_engine(out, n=2, seconds=1.0, quiet=True, sparse_topk=f) for f in (None, 0.25)}
+    assert res[None]["sparse_topk"] is None and res[0.25]["sparse_topk"] == 0.25
+    assert all(0.0 <= r["adherence"] <= 1.0 and r["prompts"] == 2 for r in res.values())
 
 
 def test_training_clis_bad_input_one_line_exit_2(tmp_path, capsys):
@@ -189,6 +193,7 @@ def test_training_clis_bad_input_one_line_exit_2(tmp_path, capsys):
                               "--out", str(tmp_path / "t")], "not a VAE folder"),
         (ode_init.main, ["--teacher", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], "no checkpoint"),
         (train_teacher.main, ["--init", str(tmp_path / "nope"), "--out", str(tmp_path / "t")], "no such folder"),
+        (ode_init.main, ["--eval", "2", "--eval-sparse", "0"], "--eval-sparse"),
     ]
     for main, argv, needle in cases:
         try:
