@@ -55,7 +55,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     keep: int = 2                   # checkpoints kept
-    max_minutes: float | None = None  # stop (with a checkpoint) after the first step past this wall time; resume goes on
+    max_minutes: float | None = None  # stop, with a checkpoint, after the first step past this; resume goes on
     amp: str = "none"               # none | bf16: the loss under torch.autocast (weights, optimizer, EMA stay fp32)
 
     def __post_init__(self):

@@ -126,10 +126,11 @@ class ShapesTextEncoder(nn.Module):
     three one-hots in disjoint slots of the dim channels: its word, its position t, and its phrase
     (first object until "and", second object from "and", background from "on"), scaled so that a
     token's norm is sqrt(dim), as after a LayerNorm. (Below len(vocab) + max_len + 3 channels the
-    one-hots do not fit, and fixed random unit vectors take their place.) Why: trained jointly with the teacher, the
-    transformer encoder kept the words the teacher used early (colour moves the prompt's embedding
-    by 19 of 33) and collapsed the rest (left and right ended 0.95 apart), so the teacher never got
-    the signal to learn them. A fixed code keeps every word of the 30-word grammar as distinct as
+    one-hots do not fit, and fixed random unit vectors take their place.)
+
+    Why: trained jointly with the teacher, the transformer encoder kept the words the teacher used
+    early (colour moves the prompt's embedding by 19 of 33) and collapsed the rest (left and right
+    ended 0.95 apart), so the teacher never got the signal to learn them. A fixed code keeps every word of the 30-word grammar as distinct as
     any other, and the phrase slot tells which object a word belongs to; the transformer's own text
     projection is the learned part."""
 
