@@ -191,9 +191,7 @@ def engine_configs(base, model) -> dict:
     """The engine under each sink, sparse and linear option (the default config is the `engine` system)."""
     from dataclasses import replace
 
-    h, w = model.preset.latent_hw
-    _, ph, pw = model.transformer.cfg.patch_size
-    block = min(base.sparse_block, (h // ph) * (w // pw))  # at least a few blocks per chunk on small grids
+    block = replace(model.preset, cache=base).sparse_cache().sparse_block  # a few blocks per chunk on small grids
     opts = {"sink=none": dict(sink="none"), "sink=static": dict(sink="static"), "sink=ema": dict(sink="ema"),
             "sparse=0.2": dict(sparse_topk=0.2, sparse_block=block), "linear": dict(linear_memory=True),
             "sparse=0.2+linear": dict(sparse_topk=0.2, sparse_block=block, linear_memory=True)}

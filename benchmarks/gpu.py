@@ -37,7 +37,6 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -301,8 +300,7 @@ def main(argv=None) -> int:
             a.json.parent.mkdir(parents=True, exist_ok=True)
             a.json.write_text(json.dumps(res, indent=2) + "\n")
 
-    sparse_cfg = replace(preset.cache, sparse_topk=0.2, linear_memory=True,
-                         sparse_block=min(preset.cache.sparse_block, preset.tokens_per_frame))
+    sparse_cfg = preset.sparse_cache(0.2, linear_memory=True)
     known = {"graphs", "compile", "cudnn", "flash", "vae", "fpc3", "sparse", "fp8"}
     for name in a.systems:
         if {"cudnn", "flash"} <= set(name.split("+")):
@@ -333,11 +331,10 @@ def main(argv=None) -> int:
             if "fp8" in opts:  # quantizing is in place: a copy, so the other systems keep their weights
                 import copy
 
-                from engine.fp8 import quantize_fp8
+                from engine.fp8 import quantize_fp8, resolve_mode
 
                 ms = SimpleNamespace(**{**vars(m), "transformer": copy.deepcopy(model)})
-                r_fp8 = {"fp8_linears": quantize_fp8(ms.transformer), "fp8_mode": next(
-                    x.mode for x in ms.transformer.modules() if type(x).__name__ == "FP8Linear")}
+                r_fp8 = {"fp8_linears": quantize_fp8(ms.transformer), "fp8_mode": resolve_mode("auto", device)}
             gen = VideoGenerator(ms, cache_cfg=cache_cfg, cuda_graphs="graphs" in opts,
                                  decoder_frames_per_call=3 if "fpc3" in opts else 1)
             with sdpa_order(("cudnn" if "cudnn" in opts else "flash" if "flash" in opts else None)

@@ -162,20 +162,14 @@ def evaluate_engine(model_path, n: int = 50, seconds: float = 2.0, stream_second
                     quiet: bool = False, sparse_topk: float | None = None) -> dict:
     """Oracle adherence of a model folder generating through the streaming engine (its preset's cache and
     sampler): n random prompts of `seconds` each; with stream_seconds, one long stream scored over its first
-    and last 10 s. sparse_topk: block-sparse window attention at that density instead (blocks of one latent
-    frame's tokens at most, so that a chunk spans several)."""
-    import dataclasses
-
+    and last 10 s. sparse_topk: block-sparse window attention at that density instead (Preset.sparse_cache)."""
     import numpy as np
 
     from benchmarks.oracle import check_means, score_video
     from engine.pipeline import VideoGenerator
 
     model = load_model_folder(model_path)
-    cache = model.preset.cache
-    if sparse_topk is not None:
-        cache = dataclasses.replace(cache, sparse_topk=sparse_topk,
-                                    sparse_block=min(cache.sparse_block, model.preset.tokens_per_frame))
+    cache = model.preset.cache if sparse_topk is None else model.preset.sparse_cache(sparse_topk)
     gen = VideoGenerator(model, cache_cfg=cache)
     rng = random.Random(seed)
     prompts = [sample_prompt(rng) for _ in range(n)]

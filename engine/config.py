@@ -155,6 +155,12 @@ class Preset:
         s = self.vae.scale_factor_spatial
         return self.height // s, self.width // s
 
+    def sparse_cache(self, topk: float | None = 0.2, linear_memory: bool = False) -> "CacheConfig":
+        """This preset's cache with block-sparse window attention (and/or the linear memory). Blocks are at most
+        one latent frame's tokens, so that on small grids a chunk still spans several blocks to choose from."""
+        return dataclasses.replace(self.cache, sparse_topk=topk, linear_memory=linear_memory,
+                                   sparse_block=min(self.cache.sparse_block, self.tokens_per_frame))
+
     @property
     def tokens_per_frame(self) -> int:
         h, w = self.latent_hw
