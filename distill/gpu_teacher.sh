@@ -9,15 +9,20 @@
 # text code, bf16 autocast, 64 clips a step, until MINUTES have passed (a checkpoint is saved when time is up);
 # then write to OUTDIR the log, the teacher (fp16, in files under 16 MB) and its oracle adherence on 50 prompts.
 # Every file this writes sits at most two folders below OUTDIR.
+# PRESET, VAE and LENGTHS pick another layout, e.g. the 2-frame VAE (carry its folder to the device):
+#   PRESET=shapes-t2 VAE=runs/vae-t2-export LENGTHS="5 9 17" bash distill/gpu_teacher.sh "$OUT" 7
 set -euo pipefail
+PRESET=${PRESET:-shapes}
+VAE=${VAE:-assets/shapes/vae}
+LENGTHS=${LENGTHS:-5 5 9}
 OUTDIR=${1:?usage: bash distill/gpu_teacher.sh OUTDIR [MINUTES]}
 MINUTES=${2:-7}
 RUN=runs/teacher-gpu
 mkdir -p "$OUTDIR"
-python -m distill.train_teacher --vae assets/shapes/vae --latents runs/latents-gpu.safetensors --clips 10000 \
-    --render-workers 12 --out "$RUN" --text fixed --batch-size 64 --lr 3e-4 --warmup 500 --steps 1000000 \
-    --max-minutes "$MINUTES" --amp bf16 --shift 5 --latent-lengths 5 5 9 --p-context 0.3 --ckpt-every 5000 \
-    --log-every 100 --quiet
+python -m distill.train_teacher --preset "$PRESET" --vae "$VAE" --latents "runs/latents-gpu-$PRESET.safetensors" \
+    --clips 10000 --render-workers 12 --out "$RUN" --text fixed --batch-size 64 --lr 3e-4 --warmup 500 \
+    --steps 1000000 --max-minutes "$MINUTES" --amp bf16 --shift 5 --latent-lengths $LENGTHS --p-context 0.3 \
+    --ckpt-every 5000 --log-every 100 --quiet
 cp "$RUN/log.jsonl" "$OUTDIR/teacher-gpu-log.jsonl"
-python -m distill.train_teacher --out "$RUN" --export "$OUTDIR/teacher-gpu" --export-shard-mb 12 --eval 50 \
-    | tee "$OUTDIR/teacher-gpu-eval.txt"
+python -m distill.train_teacher --preset "$PRESET" --vae "$VAE" --out "$RUN" --export "$OUTDIR/teacher-gpu" \
+    --export-shard-mb 12 --eval 50 | tee "$OUTDIR/teacher-gpu-eval.txt"

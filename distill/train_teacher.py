@@ -42,7 +42,8 @@ class TeacherTask:
     """Flow matching on cached latents. With `lengths` (latent frames), each micro-batch trains on the first n
     latent frames of its clips, n taken from `lengths` in turn (a pure function of the ids: resume stays exact).
     The VAE encoder is causal, so a prefix of a clip's latents is exactly the latent of the clip's first
-    1 + 4 (n - 1) frames: shorter clips for free, at a cost that falls with the token count."""
+    1 + t (n - 1) frames (t the VAE's temporal compression): shorter clips for free, at a cost that falls with
+    the token count."""
 
     def __init__(self, data: LatentSet, tokenizer: ShapesTextEncoder, p_uncond: float, shift: float, device,
                  lengths: tuple[int, ...] = (), p_context: float = 0.0):
@@ -120,7 +121,8 @@ def export_teacher(teacher: Teacher, out: Path, shard_mb: float | None = None) -
 @torch.no_grad()
 def generate(teacher: Teacher, vae: VideoVAE, prompts: list[str], latent_frames: int, latent_hw, seed: int,
              steps: int, guidance: float, shift: float, batch: int = 10) -> list:
-    """uint8 videos [T, H, W, 3] (T = 1 + 4 (latent_frames - 1)) from the teacher's multi-step sampler."""
+    """uint8 videos [T, H, W, 3] (T = 1 + t (latent_frames - 1), t the VAE's temporal compression) from the
+    teacher's multi-step sampler."""
     out = []
     for s in range(0, len(prompts), batch):
         ps = prompts[s:s + batch]

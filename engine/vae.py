@@ -1,8 +1,9 @@
 """VideoVAE: diffusers' AutoencoderKLWan behind a small API, with a streaming decoder.
 
 Latents seen by the transformer are normalised: z = (mu - latents_mean) / latents_std (Wan convention).
-A video of T = 1 + 4k frames has 1 + k latent frames; decoding latent frame 0 gives 1 frame, every later
-latent frame gives 4.
+With temporal compression t (`scale_factor_temporal`: 4 in Wan, 2 in the shapes-t2 preset), a video of
+T = 1 + 4k frames (Wan's encoder reads 4-frame groups after the first frame) has 1 + (T - 1) / t latent
+frames; decoding latent frame 0 gives 1 frame, every later latent frame gives t.
 
 Streaming decode: Wan's decoder is causal in time; each causal conv needs the last 2 frames of its input
 from the previous call. diffusers threads those through a flat list (`feat_cache`) and a cursor
@@ -67,14 +68,15 @@ class VideoVAE:
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
-        """video [B, 3, T, H, W] in [-1, 1], T = 1 + 4k -> normalised latents [B, z, 1 + k, H/8, W/8] (mean)."""
+        """video [B, 3, T, H, W] in [-1, 1], T = 1 + 4k -> normalised latents [B, z, 1 + (T-1)/t, H/s, W/s]
+        (the posterior mean; t, s the temporal and spatial compression)."""
         mu = self.vae.encode(video.to(self.device, self.dtype)).latent_dist.mean
         mean, std = self._stats(mu)
         return (mu - mean) / std
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Normalised latents [B, z, F, h, w] -> video [B, 3, 1 + 4(F-1), H, W] in [-1, 1]."""
+        """Normalised latents [B, z, F, h, w] -> video [B, 3, 1 + t(F-1), H, W] in [-1, 1]."""
         z = z.to(self.device, self.dtype)
         mean, std = self._stats(z)
         return self.vae.decode(z * std + mean).sample
@@ -103,7 +105,7 @@ class StreamingDecoder:
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """z [B, z_dim, F, h, w] (normalised) -> frames [B, 3, T, H, W] in [-1, 1]; T = 4F (1 + 4(F-1) at start)."""
+        """z [B, z_dim, F, h, w] (normalised) -> frames [B, 3, T, H, W] in [-1, 1]; T = tF (1 + t(F-1) at start)."""
         vae = self.v.vae
         z = z.to(self.v.device, self.v.dtype)
         mean, std = self.v._stats(z)

@@ -188,6 +188,7 @@ def test_training_clis_bad_input_one_line_exit_2(tmp_path, capsys):
 
     cases = [
         (train_vae.main, ["--frames", "6"], "1 + 4k"),
+        (train_vae.main, ["--halo-px", "0"], "--halo-px must be >= 1"),
         (train_vae.main, ["--freeze-encoder", "--out", str(tmp_path / "v")], "needs --init"),
         (train_teacher.main, ["--vae", str(tmp_path / "nope"), "--latents", str(tmp_path / "l.safetensors"),
                               "--out", str(tmp_path / "t")], "not a VAE folder"),
@@ -261,6 +262,45 @@ def test_vae_motion_loss_punishes_steppy_motion():
     plain, _ = loss(steppy, 0.0)
     with_motion, logs = loss(steppy, 1.0)
     assert logs["motion"] > 0.05 and with_motion.item() == pytest.approx(plain.item() + logs["motion"], rel=1e-6)
+
+
+def test_vae_halo_weight_lies_on_the_background_ring_around_objects():
+    from distill.train_vae import VAETask
+
+    video = -torch.ones(2, 3, 3, 16, 20)
+    video[0, :, 1, 5:8, 6:10] = 1.0  # one object in one frame of one clip
+    plain = VAETask(None, 0.0, "cpu", object_weight=10.0).weights(video)
+    w = VAETask(None, 0.0, "cpu", object_weight=10.0, halo_weight=4.0, halo_px=2).weights(video)
+    assert torch.equal(plain[0, 0, 1, 5:8, 6:10], torch.full((3, 4), 11.0))
+    assert plain.sum() == 11 * 12 + (plain.numel() - 12)
+    ring = torch.zeros(16, 20, dtype=torch.bool)
+    ring[3:10, 4:12] = True
+    ring[5:8, 6:10] = False
+    assert torch.equal(w[0, 0, 1][ring], torch.full((int(ring.sum()),), 5.0))  # 1 + halo on the 2-px ring
+    assert torch.equal(w[0, 0, 1][~ring], plain[0, 0, 1][~ring])  # the object and the far background as before
+    assert torch.equal(w[:, :, 0], plain[:, :, 0]) and torch.equal(w[1], plain[1])  # other frames, other clips
+
+
+def test_vae_init_across_temporal_compressions_loads_every_shared_tensor():
+    """A 2-frame-group VAE started from a 4-frame-group one: the time convs it lacks are dropped, everything
+    else (same names and shapes) is carried over; a VAE with other widths keeps its own tensors."""
+    import dataclasses
+
+    from distill.train_vae import load_matching
+    from engine.vae import VideoVAE
+
+    four = dataclasses.replace(get_preset("tiny").vae, dim_mult=(1, 2, 2), temperal_downsample=(True, True),
+                               scale_factor_spatial=4)
+    two = dataclasses.replace(four, temperal_downsample=(False, True), scale_factor_temporal=2)
+    src, dst = VideoVAE.from_config(four, seed=1).vae, VideoVAE.from_config(two, seed=2).vae
+    assert load_matching(dst, src.state_dict()) == []
+    own, theirs = dst.state_dict(), src.state_dict()
+    assert set(theirs) - set(own) and all(".time_conv." in k for k in set(theirs) - set(own))
+    assert all(torch.equal(own[k], theirs[k]) for k in own)
+    wide = VideoVAE.from_config(dataclasses.replace(two, base_dim=12), seed=3).vae
+    before = {k: v.clone() for k, v in wide.state_dict().items()}
+    fresh = load_matching(wide, src.state_dict())
+    assert fresh and all(torch.equal(wide.state_dict()[k], before[k]) for k in fresh)
 
 
 def test_vae_stream_evaluation_on_a_short_stream():

@@ -186,6 +186,34 @@ def test_switch_takes_effect_at_next_chunk_boundary(model, tmp_path, capsys):
     assert np.array_equal(png_frames(tmp_path / "at10"), png_frames(tmp_path / "at13"))
 
 
+def test_two_frame_latent_groups_lengths_and_switch_boundary(tmp_path, capsys):
+    """A VAE with 2 frames a latent frame (the shapes-t2 layout): chunks of 2 latent frames start at video
+    frames 0, 3, 7, 11; lengths are exact and a switch waits for the next chunk."""
+    import dataclasses
+
+    from engine.config import get_preset
+    from engine.folder import save_model_folder
+    from engine.model import CausalWanModel
+    from engine.text import ShapesTextConfig, ShapesTextEncoder
+    from engine.vae import VideoVAE
+
+    pr = get_preset("tiny")
+    pr = pr.replace(vae=dataclasses.replace(pr.vae, temperal_downsample=(False, False, True), scale_factor_temporal=2))
+    torch.manual_seed(0)
+    folder = tmp_path / "t2"
+    save_model_folder(folder, pr, CausalWanModel(pr.model), VideoVAE.from_config(pr.vae, seed=0),
+                      ShapesTextEncoder(ShapesTextConfig(dim=pr.model.text_dim), seed=0), placeholder=True)
+    for n in (1, 4, 9):
+        generate(capsys, folder, tmp_path / f"n{n}", "--frames", n)
+        assert png_frames(tmp_path / f"n{n}").shape == (n, 32, 32, 3)
+    for name, at in (("at5", 5), ("at7", 7)):
+        rc, _, err = cli(["--prompt", PROMPT, "--prompt", OTHER, "--switch-at", at, "--model", folder,
+                          "--frames", 9, "--out", tmp_path / name, "--quiet"], capsys)
+        assert rc == 0, err
+    at5, at7, one = (png_frames(tmp_path / x) for x in ("at5", "at7", "n9"))
+    assert np.array_equal(at5, at7) and np.array_equal(at7[:7], one[:7]) and not np.array_equal(at7[7:], one[7:])
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Errors: exit 2, one line on stderr, nothing written
 # --------------------------------------------------------------------------------------------------------------

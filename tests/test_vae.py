@@ -21,19 +21,32 @@ def randomised(seed, cfg=None):
     return vae
 
 
-@pytest.mark.parametrize("cfg", [None, STRIDE4], ids=["stride8", "stride4"])
+# The shapes-t2 layout: time halved in the second stage only (2 frames a latent frame).
+TEMPORAL2 = dataclasses.replace(STRIDE4, temperal_downsample=(False, True), scale_factor_temporal=2)
+
+
+@pytest.mark.parametrize("cfg", [None, STRIDE4, TEMPORAL2], ids=["stride8", "stride4", "temporal2"])
 def test_streaming_decode_equals_full_decode(cfg):
     vae = randomised(0, cfg)
     g = torch.Generator().manual_seed(1)
     z = torch.randn(1, 4, 7, 5, 3, generator=g)  # odd latent sizes
     full = vae.decode(z)
-    s = vae.spatial
-    assert full.shape == (1, 3, 1 + 4 * 6, 5 * s, 3 * s)
+    s, t = vae.spatial, vae.temporal
+    assert full.shape == (1, 3, 1 + t * 6, 5 * s, 3 * s)
     for sizes in [(1, 1, 1, 1, 1, 1, 1), (3, 3, 1), (2, 5)]:
         dec = vae.stream()
         parts = [dec.decode(c) for c in z.split(list(sizes), dim=2)]
-        assert [p.shape[2] for p in parts][0] == 1 + 4 * (sizes[0] - 1)
+        assert [p.shape[2] for p in parts] == [1 + t * (sizes[0] - 1)] + [t * n for n in sizes[1:]]
         torch.testing.assert_close(torch.cat(parts, 2), full, rtol=0, atol=0)
+
+
+def test_temporal2_encode_frames_and_latent_frames():
+    """1 + 4k frames (Wan's encoder takes 4-frame groups after the first) -> 1 + 2k latent frames."""
+    vae = randomised(3, TEMPORAL2)
+    x = torch.rand(2, 3, 9, 12, 8, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    z = vae.encode(x)
+    assert z.shape == (2, 4, 5, 3, 2)
+    assert vae.decode(z).shape == (2, 3, 9, 12, 8)
 
 
 def test_two_streams_share_one_vae_independently():
