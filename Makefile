@@ -23,30 +23,45 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 # Rebuild the shipped folders (README "The Shapes world, the oracle and training the built-in model"; each
-# phase resumes its run folder under runs/ if interrupted): assets/shapes, the architecture with random
-# transformer and text-encoder weights (placeholders until the last step) and the Shapes VAE trained
-# from scratch in the phases the shipped one went through (why: distill/train_vae.py), exported with its latent
-# statistics and evaluated (held-out PSNR, oracle, a 2-minute streaming decode), then its decoder fine-tuned
-# alone (the encoder, and so every latent, stays as it was); then assets/shapes-teacher, the bidirectional
-# teacher and its text encoder trained on 3,000 encoded clips (work in progress: see the README's status
-# table), exported in fp16 and evaluated (oracle adherence on 50 prompts); last, the causal student regressed on
-# 1,000 teacher ODE trajectories (800 steps), exported into assets/shapes with the teacher's text encoder and
-# evaluated through the streaming engine (50 prompts and a 2-minute stream).
+# phase resumes its run folder under runs/ if interrupted). The shipped model is the `shapes-t2` preset (a latent
+# frame stands for 2 video frames); its VAE and teacher start from the 4-frame (`shapes`) ones, so those come
+# first:
+# 1. assets/shapes: the architecture with random transformer and text-encoder weights (placeholders until the
+#    last step).
+# 2. The 4-frame VAE trained from scratch in the phases it went through (why: distill/train_vae.py), then its
+#    decoder fine-tuned alone (runs/vae-t4); then the 2-frame VAE started from it (every tensor but the time
+#    convs carries over) in two phases, the second with extra weight on the ring around objects, exported into
+#    assets/shapes/vae and evaluated (held-out PSNR, oracle, a 2-minute streaming decode).
+# 3. The 4-frame teacher and its learned text encoder on 3,000 encoded clips (runs/teacher), then the fixed word
+#    code and clean-context training (runs/teacher-fx); then the 2-frame teacher on 3,000 clips encoded by the new
+#    VAE, started from it (runs/teacher-t2), with a last cosine-annealed phase (runs/teacher-t2d), exported into
+#    assets/shapes-teacher in fp16 and evaluated (oracle adherence on 50 prompts). Work in progress: see the
+#    README's status table.
+# 4. The causal student regressed on 1,000 teacher ODE trajectories (800 steps), exported into assets/shapes with
+#    the teacher's text code and evaluated through the streaming engine (50 prompts and a 2-minute stream).
 SHAPES_DESCRIPTION := Shapes model under construction: random transformer and text encoder (seed 0) until the ODE step below replaces them
+T2 := --preset shapes-t2
 assets: $(STAMP)
-	$(BIN)/python -m engine.init_model --preset shapes --out assets/shapes --seed 0 --description "$(SHAPES_DESCRIPTION)"
+	$(BIN)/python -m engine.init_model $(T2) --out assets/shapes --seed 0 --description "$(SHAPES_DESCRIPTION)"
 	$(BIN)/python -m distill.train_vae --out runs/vae --steps 550 --lr 2e-4 --p-cut 0
 	$(BIN)/python -m distill.train_vae --out runs/vae --steps 800 --lr 8e-4 --p-cut 0
 	$(BIN)/python -m distill.train_vae --out runs/vae --steps 2700 --lr 5e-4 --p-cut 0.5
 	$(BIN)/python -m distill.train_vae --out runs/vae --steps 3050 --lr 2e-4 --p-cut 0.5
-	$(BIN)/python -m distill.train_vae --out runs/vae --export assets/shapes/vae --eval 32
-	$(BIN)/python -m distill.train_vae --out runs/vae-dec --init assets/shapes/vae --freeze-encoder --motion-weight 1 --steps 600 --lr 2e-4
-	$(BIN)/python -m distill.train_vae --out runs/vae-dec --export assets/shapes/vae --eval 32
-	$(BIN)/python -m distill.train_teacher --vae assets/shapes/vae --out runs/teacher --clips 3000 --steps 4500
+	$(BIN)/python -m distill.train_vae --out runs/vae --export runs/vae-t4
+	$(BIN)/python -m distill.train_vae --out runs/vae-dec --init runs/vae-t4 --freeze-encoder --motion-weight 1 --steps 600 --lr 2e-4
+	$(BIN)/python -m distill.train_vae --out runs/vae-dec --export runs/vae-t4
+	$(BIN)/python -m distill.train_vae $(T2) --out runs/vae-t2 --init runs/vae-t4 --steps 600 --lr 5e-4 --motion-weight 1
+	$(BIN)/python -m distill.train_vae $(T2) --out runs/vae-t2 --steps 1100 --lr 3e-4 --motion-weight 1 --halo-weight 4
+	$(BIN)/python -m distill.train_vae $(T2) --out runs/vae-t2 --export assets/shapes/vae --eval 32
+	$(BIN)/python -m distill.train_teacher --vae runs/vae-t4 --out runs/teacher --clips 3000 --steps 4500
 	$(BIN)/python -m distill.train_teacher --out runs/teacher --steps 7400 --shift 5 --latent-lengths 5 5 9
-	$(BIN)/python -m distill.train_teacher --out runs/teacher --export assets/shapes-teacher --eval 50
-	$(BIN)/python -m distill.ode_init --teacher runs/teacher --out runs/ode --steps 800
-	$(BIN)/python -m distill.ode_init --teacher runs/teacher --out runs/ode --export assets/shapes --eval 50
+	$(BIN)/python -m distill.train_teacher --out runs/teacher --export runs/teacher-t4
+	$(BIN)/python -m distill.train_teacher --out runs/teacher-fx --init runs/teacher-t4 --text fixed --steps 4702 --shift 5 --latent-lengths 5 5 9 --p-context 0.5
+	$(BIN)/python -m distill.train_teacher $(T2) --vae assets/shapes/vae --latents runs/latents-t2.safetensors --clips 3000 --out runs/teacher-t2 --init runs/teacher-fx --text fixed --steps 2885 --shift 5 --latent-lengths 5 9 17 --p-context 0.5 --ema 0.998
+	$(BIN)/python -m distill.train_teacher $(T2) --latents runs/latents-t2.safetensors --out runs/teacher-t2d --init runs/teacher-t2 --text fixed --steps 700 --warmup 30 --lr-schedule cosine --shift 5 --latent-lengths 5 9 17 --p-context 0.5 --ema 0.995
+	$(BIN)/python -m distill.train_teacher $(T2) --out runs/teacher-t2d --vae assets/shapes/vae --export assets/shapes-teacher --eval 50
+	$(BIN)/python -m distill.ode_init $(T2) --teacher runs/teacher-t2d --vae assets/shapes/vae --pairs runs/ode-pairs-t2.safetensors --out runs/ode-t2 --steps 800
+	$(BIN)/python -m distill.ode_init $(T2) --teacher runs/teacher-t2d --vae assets/shapes/vae --out runs/ode-t2 --export assets/shapes --eval 50
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

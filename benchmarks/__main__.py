@@ -298,6 +298,7 @@ def plot(results: dict, path: str):
 def pipeline_system(a, model, frames: int) -> dict:
     """The wan_pipeline baseline (benchmarks/baselines.py), or {"skipped": why}."""
     from benchmarks.baselines import load_wan_pipeline, wan_pipeline_system
+    from distill.train_teacher import teacher_preset
 
     pr = model.preset
     if a.no_pipeline:
@@ -306,8 +307,10 @@ def pipeline_system(a, model, frames: int) -> dict:
     if teacher is not None and not teacher.exists():
         print(f"warning: no teacher at {teacher}: the wan_pipeline baseline is skipped", file=sys.stderr)
         return {"skipped": f"no teacher folder at {teacher}"}
-    if teacher is not None and pr.name != "shapes":
-        return {"skipped": f"the teacher is the shapes model's; this model is {pr.name}"}
+    trained_for = teacher_preset(teacher) if teacher is not None else pr.name
+    if teacher is not None and trained_for != pr.name:
+        return {"skipped": f"the teacher {teacher} was trained for preset {trained_for or '(unrecorded)'}, "
+                           f"this model is {pr.name}"}
     print("wan_pipeline baseline (teacher, 30 CFG steps) ...", file=sys.stderr)
     pipe, text = load_wan_pipeline(teacher, model.vae, pr.name)
     pipe.transformer.to(a.device, getattr(torch, a.dtype))  # the VAE is the engine's, already placed

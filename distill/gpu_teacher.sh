@@ -3,18 +3,20 @@
 #
 #   bash distill/gpu_teacher.sh OUTDIR [MINUTES]     # on the device: bash distill/gpu_teacher.sh "$OUT" 7
 #
-# Why: on the 2-core CPU the teacher gets ~7,000 steps of 16 clips in four hours and stays at oracle adherence
-# ~0.4 (README, "Where the teacher stands"); this measures what 10-30x the samples buy at the same model size.
-# Steps: render 10,000 clips in worker processes and encode them on the GPU; train from scratch with the fixed
-# text code, bf16 autocast, 64 clips a step, until MINUTES have passed (a checkpoint is saved when time is up);
-# then write to OUTDIR the log, the teacher (fp16, in files under 16 MB) and its oracle adherence on 50 prompts.
+# Why: on the 2-core CPU the teacher gets a few thousand steps of 16 clips an hour and levels off at oracle
+# adherence ~0.5 (README, "Where the teacher stands"); this measures what 10-30x the samples buy at the same size.
+# Steps: render 10,000 clips in worker processes and encode them on the GPU; train with the fixed text code, bf16
+# autocast, 64 clips a step, until MINUTES have passed (a checkpoint is saved when time is up); then write to
+# OUTDIR the log, the teacher (fp16, in files under 16 MB) and its oracle adherence on 50 prompts.
 # Every file this writes sits at most two folders below OUTDIR.
-# PRESET, VAE and LENGTHS pick another layout, e.g. the 2-frame VAE (carry its folder to the device):
-#   PRESET=shapes-t2 VAE=runs/vae-t2-export LENGTHS="5 9 17" bash distill/gpu_teacher.sh "$OUT" 7
+# The layout is the shipped model's (preset shapes-t2, its VAE in assets/shapes/vae). PRESET, VAE and LENGTHS pick
+# another; INIT starts from a teacher instead of from scratch (e.g. INIT=assets/shapes-teacher):
+#   PRESET=shapes VAE=runs/vae-t4 LENGTHS="5 5 9" bash distill/gpu_teacher.sh "$OUT" 7
 set -euo pipefail
-PRESET=${PRESET:-shapes}
+PRESET=${PRESET:-shapes-t2}
 VAE=${VAE:-assets/shapes/vae}
-LENGTHS=${LENGTHS:-5 5 9}
+LENGTHS=${LENGTHS:-5 9 17}
+INIT=${INIT:+--init $INIT}
 OUTDIR=${1:?usage: bash distill/gpu_teacher.sh OUTDIR [MINUTES]}
 MINUTES=${2:-7}
 RUN=runs/teacher-gpu
@@ -22,7 +24,7 @@ mkdir -p "$OUTDIR"
 python -m distill.train_teacher --preset "$PRESET" --vae "$VAE" --latents "runs/latents-gpu-$PRESET.safetensors" \
     --clips 10000 --render-workers 12 --out "$RUN" --text fixed --batch-size 64 --lr 3e-4 --warmup 500 \
     --steps 1000000 --max-minutes "$MINUTES" --amp bf16 --shift 5 --latent-lengths $LENGTHS --p-context 0.3 \
-    --ckpt-every 5000 --log-every 100 --quiet
+    --ckpt-every 5000 --log-every 100 --quiet $INIT
 cp "$RUN/log.jsonl" "$OUTDIR/teacher-gpu-log.jsonl"
 python -m distill.train_teacher --preset "$PRESET" --vae "$VAE" --out "$RUN" --export "$OUTDIR/teacher-gpu" \
     --export-shard-mb 12 --eval 50 | tee "$OUTDIR/teacher-gpu-eval.txt"

@@ -107,15 +107,24 @@ def load_teacher(run: Path, preset_name: str, which: str = "ema") -> Teacher:
     return t.eval().requires_grad_(False)
 
 
-def export_teacher(teacher: Teacher, out: Path, shard_mb: float | None = None) -> None:
-    """transformer/ (diffusers, fp16 safetensors: half the size, and the sampler runs in float32 anyway) and
-    text_encoder/. shard_mb splits the transformer's weights into files of at most that size (diffusers' sharded
+def export_teacher(teacher: Teacher, out: Path, shard_mb: float | None = None, preset: str | None = None) -> None:
+    """transformer/ (diffusers, fp16 safetensors: half the size, and the sampler runs in float32 anyway),
+    text_encoder/ and, with `preset`, teacher.json naming the preset whose VAE latents it was trained on (so that
+    its users pick the matching VAE and frame layout: `teacher_preset`). shard_mb splits the transformer's weights into files of at most that size (diffusers' sharded
     layout, which from_pretrained reads), e.g. to bring them back from a machine that returns small files only."""
     import copy
 
     kw = {"max_shard_size": int(shard_mb * 2**20)} if shard_mb else {}
     copy.deepcopy(teacher.transformer).half().save_pretrained(str(out / "transformer"), safe_serialization=True, **kw)
     teacher.text.save(out / "text_encoder")
+    if preset:
+        (out / "teacher.json").write_text(json.dumps({"preset": preset}) + "\n")
+
+
+def teacher_preset(folder: str | Path) -> str | None:
+    """The preset an exported teacher folder was trained for (its teacher.json), None if it does not say."""
+    f = Path(folder) / "teacher.json"
+    return json.loads(f.read_text())["preset"] if f.is_file() else None
 
 
 @torch.no_grad()
@@ -187,7 +196,8 @@ def _main(argv=None) -> int:
     p = OneLineParser(prog="python -m distill.train_teacher", description=__doc__.split("\n")[0])
     add_train_args(p, steps=3000, batch_size=16, lr=3e-4, warmup=100, ckpt_every=100, ema=0.999,
                    out="runs/teacher")
-    p.add_argument("--preset", default="shapes")
+    p.add_argument("--preset", help="model widths and VAE layout (default: what --out's teacher.json says, else "
+                                     "shapes)")
     p.add_argument("--vae", default="assets/shapes/vae", help="trained VAE folder (diffusers layout)")
     p.add_argument("--latents", default="runs/latents-shapes.safetensors")
     p.add_argument("--clips", type=int, default=4000, help="clips to render and encode when --latents is new")
@@ -216,8 +226,9 @@ def _main(argv=None) -> int:
     p.add_argument("--steps-sample", type=int, default=30)
     p.add_argument("--guidance", type=float, default=4.0)
     args = p.parse_args(argv)
-    preset = get_preset(args.preset)
     out = Path(args.out)
+    args.preset = args.preset or teacher_preset(out) or "shapes"
+    preset = get_preset(args.preset)
     if args.init and not Path(args.init).is_dir():
         p.error(f"--init {args.init}: no such folder")
     if args.export or args.eval or args.probe:
@@ -225,7 +236,7 @@ def _main(argv=None) -> int:
         if args.probe:
             print(json.dumps(prompt_probe(teacher, LatentSet(args.latents), args.probe)))
         if args.export:
-            export_teacher(teacher, Path(args.export), args.export_shard_mb)
+            export_teacher(teacher, Path(args.export), args.export_shard_mb, args.preset)
             print(args.export)
         if args.eval:
             print(json.dumps(evaluate(teacher, VideoVAE.from_folder(args.vae), preset, args.eval, args.frames,

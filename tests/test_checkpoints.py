@@ -598,7 +598,7 @@ def test_hub_id_of_an_engine_folder(tmp_path, monkeypatch):
     fake_hub_cache(cache, "someone/shapes-model", {p.name: p for p in (ASSETS / "shapes").iterdir()})
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     m = load_model_folder("someone/shapes-model")
-    assert m.preset.name == "shapes" and m.path.name == "0" * 40
+    assert m.preset.name == "shapes-t2" and m.path.name == "0" * 40
 
 
 def test_offline_hub_id_is_one_clean_line(tmp_path, monkeypatch):

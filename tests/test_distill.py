@@ -142,6 +142,11 @@ def test_training_pipeline_end_to_end_on_tiny(tmp_path):
     # an exported teacher (fp16 transformer + text encoder) loads as the run's EMA weights, rounded to fp16
     assert train_teacher.main(common + ["--out", str(tmp_path / "teacher"), "--export", str(tmp_path / "t_out")]) == 0
     a, b = (train_teacher.load_teacher(tmp_path / d, "tiny") for d in ("teacher", "t_out"))
+    # the export records its preset, and a command on the folder without --preset takes it from there
+    assert train_teacher.teacher_preset(tmp_path / "t_out") == "tiny"
+    assert train_teacher.teacher_preset(tmp_path / "teacher") is None
+    assert train_teacher.main(["--quiet", "--out", str(tmp_path / "t_out"), "--export", str(tmp_path / "t_out2")]) == 0
+    assert train_teacher.teacher_preset(tmp_path / "t_out2") == "tiny"
     x = torch.randn(1, 4, 2, 4, 4)
     emb = a.text.encode(["a red circle"])
     torch.testing.assert_close(b.text.encode(["a red circle"]), emb)

@@ -308,4 +308,5 @@ def test_resolve_unknown_name_lists_builtin_names(tmp_path, monkeypatch):
 def test_shipped_model_loads():
     m = load_model_folder("shapes")
     assert m.path == ASSETS / "shapes"
-    assert m.preset.name == "shapes"
+    assert m.preset.name == "shapes-t2"  # the built-in model: Shapes widths, a latent frame per 2 video frames
+    assert m.vae.temporal == 2 and m.preset.model == get_preset("shapes").model

@@ -91,6 +91,17 @@ def test_report_contents():
     assert means["background"] == 1.0 and means["colour"] == 0.75  # 4 colour checks, one wrong
 
 
+def test_a_right_but_rare_class_is_reported_as_rare():
+    """A still object drawn as a circle in 40% of the frames and as a square or a triangle in 30% each: the shape
+    check fails, and the report says the circle is too rare rather than 'circle, expected circle'."""
+    p = "a red circle standing still on a black background"
+    frames = [render(p.replace("circle", s), seed=5, t=n) for s, n in (("circle", 8), ("square", 6), ("triangle", 6))]
+    rep = score_video(np.concatenate(frames), p)
+    assert rep.checks["shape"] == pytest.approx(0.4, abs=0.06)
+    assert "the red circle: shape is circle in only 40% of frames" in rep.failures
+    assert not any("expected circle" in f for f in rep.failures)
+
+
 def test_wrap_around_is_one_object():
     # a large square straddling the left/right and top/bottom edges: one region, centroid across the wrap
     v = np.zeros((1, 64, 64, 3), np.uint8)

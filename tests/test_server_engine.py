@@ -247,6 +247,9 @@ def test_shapes_model_end_to_end():
         c.start(PROMPT, seed=3, frames=21, format="rgb", pace="max")
         assert c.drain(180) == 1000
     ready = c.texts[0]
-    assert (ready["width"], ready["height"], ready["fps"], ready["frames_per_chunk"]) == (64, 64, 16, 12)
+    t = shapes.vae.temporal  # video frames a latent frame: the first chunk is 1 + t (chunk - 1) frames, then t chunk
+    fpc = t * shapes.preset.cache.frames_per_chunk
+    assert (ready["width"], ready["height"], ready["fps"], ready["frames_per_chunk"]) == (64, 64, 16, fpc)
     got = np.stack([np.frombuffer(f.data, np.uint8).reshape(64, 64, 3) for f in c.frames])
-    assert np.array_equal(got, solo(shapes, [(0, PROMPT)], 2, 3))
+    chunks = -(-(21 + t - 1) // fpc)  # enough chunks for 21 frames
+    assert np.array_equal(got, solo(shapes, [(0, PROMPT)], chunks, 3)[:21])
