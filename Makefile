@@ -30,8 +30,8 @@ test: $(STAMP)
 #    last step).
 # 2. The 4-frame VAE trained from scratch in the phases it went through (why: distill/train_vae.py), then its
 #    decoder fine-tuned alone (runs/vae-t4); then the 2-frame VAE started from it (every tensor but the time
-#    convs carries over) in two phases, the second with extra weight on the ring around objects, exported into
-#    assets/shapes/vae and evaluated (held-out PSNR, oracle, a 2-minute streaming decode).
+#    convs carries over) in two phases, the second with extra weight on the ring around objects, then its
+#    decoder fine-tuned alone (so the teacher's latents stay valid), exported into assets/shapes/vae and evaluated (held-out PSNR, oracle, a 2-minute streaming decode).
 # 3. The 4-frame teacher and its learned text encoder on 3,000 encoded clips (runs/teacher), then the fixed word
 #    code and clean-context training (runs/teacher-fx); then the 2-frame teacher on 3,000 clips encoded by the new
 #    VAE, started from it (runs/teacher-t2), with a last cosine-annealed phase (runs/teacher-t2d), exported into
@@ -52,7 +52,9 @@ assets: $(STAMP)
 	$(BIN)/python -m distill.train_vae --out runs/vae-dec --export runs/vae-t4
 	$(BIN)/python -m distill.train_vae $(T2) --out runs/vae-t2 --init runs/vae-t4 --steps 600 --lr 5e-4 --motion-weight 1
 	$(BIN)/python -m distill.train_vae $(T2) --out runs/vae-t2 --steps 1100 --lr 3e-4 --motion-weight 1 --halo-weight 4
-	$(BIN)/python -m distill.train_vae $(T2) --out runs/vae-t2 --export assets/shapes/vae --eval 32
+	$(BIN)/python -m distill.train_vae $(T2) --out runs/vae-t2 --export runs/vae-t2-export
+	$(BIN)/python -m distill.train_vae $(T2) --out runs/vae-t2dec --init runs/vae-t2-export --freeze-encoder --motion-weight 1 --halo-weight 4 --lr 3e-4 --steps 878
+	$(BIN)/python -m distill.train_vae $(T2) --out runs/vae-t2dec --export assets/shapes/vae --eval 32
 	$(BIN)/python -m distill.train_teacher --vae runs/vae-t4 --out runs/teacher --clips 3000 --steps 4500
 	$(BIN)/python -m distill.train_teacher --out runs/teacher --steps 7400 --shift 5 --latent-lengths 5 5 9
 	$(BIN)/python -m distill.train_teacher --out runs/teacher --export runs/teacher-t4

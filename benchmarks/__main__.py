@@ -307,10 +307,9 @@ def pipeline_system(a, model, frames: int) -> dict:
     if teacher is not None and not teacher.exists():
         print(f"warning: no teacher at {teacher}: the wan_pipeline baseline is skipped", file=sys.stderr)
         return {"skipped": f"no teacher folder at {teacher}"}
-    trained_for = teacher_preset(teacher) if teacher is not None else pr.name
-    if teacher is not None and trained_for != pr.name:
-        return {"skipped": f"the teacher {teacher} was trained for preset {trained_for or '(unrecorded)'}, "
-                           f"this model is {pr.name}"}
+    trained_for = teacher_preset(teacher) if teacher is not None else None  # None: a run folder does not say
+    if trained_for not in (None, pr.name):  # its latents are another VAE's: not this model's baseline
+        return {"skipped": f"the teacher {teacher} was trained for preset {trained_for}, this model is {pr.name}"}
     print("wan_pipeline baseline (teacher, 30 CFG steps) ...", file=sys.stderr)
     pipe, text = load_wan_pipeline(teacher, model.vae, pr.name)
     pipe.transformer.to(a.device, getattr(torch, a.dtype))  # the VAE is the engine's, already placed

@@ -110,8 +110,9 @@ def load_teacher(run: Path, preset_name: str, which: str = "ema") -> Teacher:
 def export_teacher(teacher: Teacher, out: Path, shard_mb: float | None = None, preset: str | None = None) -> None:
     """transformer/ (diffusers, fp16 safetensors: half the size, and the sampler runs in float32 anyway),
     text_encoder/ and, with `preset`, teacher.json naming the preset whose VAE latents it was trained on (so that
-    its users pick the matching VAE and frame layout: `teacher_preset`). shard_mb splits the transformer's weights into files of at most that size (diffusers' sharded
-    layout, which from_pretrained reads), e.g. to bring them back from a machine that returns small files only."""
+    its users pick the matching VAE and frame layout: `teacher_preset`). shard_mb splits the transformer's weights
+    into files of at most that size (diffusers' sharded layout, which from_pretrained reads), e.g. to bring them
+    back from a machine that returns small files only."""
     import copy
 
     kw = {"max_shard_size": int(shard_mb * 2**20)} if shard_mb else {}
