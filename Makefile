@@ -31,7 +31,8 @@ test: $(STAMP)
 # 2. The 4-frame VAE trained from scratch in the phases it went through (why: distill/train_vae.py), then its
 #    decoder fine-tuned alone (runs/vae-t4); then the 2-frame VAE started from it (every tensor but the time
 #    convs carries over) in two phases, the second with extra weight on the ring around objects, then its
-#    decoder fine-tuned alone (so the teacher's latents stay valid), exported into assets/shapes/vae and evaluated (held-out PSNR, oracle, a 2-minute streaming decode).
+#    decoder fine-tuned alone (so the teacher's latents stay valid), exported into assets/shapes/vae and evaluated
+#    (held-out PSNR, oracle, a 2-minute streaming decode).
 # 3. The 4-frame teacher and its learned text encoder on 3,000 encoded clips (runs/teacher), then the fixed word
 #    code and clean-context training (runs/teacher-fx); then the 2-frame teacher on 3,000 clips encoded by the new
 #    VAE, started from it (runs/teacher-t2), with a last cosine-annealed phase (runs/teacher-t2d), exported into
