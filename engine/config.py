@@ -8,8 +8,8 @@ SamplerConfig- the few-step flow-matching schedule.
 VAEConfig    - a diffusers `AutoencoderKLWan` configuration.
 Preset       - all of the above plus the video geometry (pixels, fps) a model was built for.
 
-Presets: `tiny` (tests), `shapes` (the built-in model: CPU real time), `shapes-p2` (its 2x2-patch candidate),
-`wan2.1-1.3b` (real widths).
+Presets: `tiny` (tests), `shapes` (the first Shapes layout: CPU real time), `shapes-t2` (the built-in model's: the
+same widths, a latent frame per 2 video frames), `shapes-p2` (a 2x2-patch candidate), `wan2.1-1.3b` (real widths).
 """
 
 from __future__ import annotations
@@ -227,10 +227,10 @@ PRESETS["shapes-p2"] = PRESETS["shapes"].replace(name="shapes-p2", model=datacla
     PRESETS["shapes"].model, patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=64, ffn_dim=512))
 
 
-# Candidate successor of `shapes` (issue 3), differing in the VAE's temporal compression: 2 frames a latent frame
-# instead of 4 (no temporal downsampling in the first stage, as in Wan2.1's own VAE). The 4x VAE draws the motion
-# inside a latent group as steps and catches up at the next group (its reconstructions' speed check passes about
-# 60% of the time); with 2-frame groups the steps halve. The transformer sees twice the tokens a second of video.
+# The built-in model's layout (assets/shapes). It differs from `shapes` in the VAE's temporal compression: 2 frames a
+# latent frame instead of 4 (no temporal downsampling in the first stage, as in Wan2.1's own VAE). The 4x VAE draws
+# the motion inside a latent group as steps and catches up at the next group (its reconstructions' speed check
+# passes about 60% of the time); with 2-frame groups the steps halve. The transformer sees twice the tokens a second.
 PRESETS["shapes-t2"] = PRESETS["shapes"].replace(name="shapes-t2", vae=dataclasses.replace(
     PRESETS["shapes"].vae, temperal_downsample=(False, True), scale_factor_temporal=2))
 
