@@ -552,6 +552,21 @@ def check_means(reports: list[Report]) -> dict[str, float]:
     return {k: round(sum(v) / len(v), 3) for k, v in kinds.items()}
 
 
+def motion_summary(reports: list[Report], prompts: list[str]) -> dict[str, float]:
+    """What the DMD ablation compares besides adherence: motion_ratio, the median over moving, detected objects of
+    measured speed / asked speed (1 is right; DMD students tend to slow down); frozen_rate and copy_rate, the
+    fractions of clips with a frozen or a copying failure."""
+    ratios = []
+    for rep, prompt in zip(reports, prompts):
+        for o, mo in zip(parse_prompt(prompt).objects, rep.measured.get("objects", [])):
+            if o.motion != "still" and "speed" in mo:
+                ratios.append(mo["speed"] / o.speed_factor)
+    n = max(len(reports), 1)
+    return {"motion_ratio": round(float(np.median(ratios)), 3) if ratios else float("nan"),
+            "frozen_rate": round(sum(any(f.startswith("frozen") for f in r.failures) for r in reports) / n, 3),
+            "copy_rate": round(sum(any(f.startswith("copying") for f in r.failures) for r in reports) / n, 3)}
+
+
 # ---- command line -----------------------------------------------------------------------------------
 
 

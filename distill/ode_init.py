@@ -31,6 +31,7 @@ from engine.cli import OneLineParser, one_line_errors
 from engine.config import SamplerConfig, get_preset
 from engine.folder import load_model_folder, save_model_folder
 from engine.model import CausalWanModel
+from engine.sampler import few_step_sampler
 from engine.vae import VideoVAE
 
 from .shapes import sample_prompt
@@ -151,26 +152,34 @@ class ODETask:
 # ---- evaluation through the engine --------------------------------------------------------------------
 
 
-def windows_mean(frames, prompt: str, window: int = 32) -> float:
+def windows_report(frames, prompt: str, window: int = 32, reports: bool = False):
+    """Mean adherence of the windows of a stretch of stream, and with `reports` the windows' oracle reports."""
     from benchmarks.oracle import score_windows
 
-    reports = score_windows(frames, prompt, window=window)
-    return sum(r.score for r in reports) / len(reports)
+    reps = score_windows(frames, prompt, window=window)
+    mean = sum(r.score for r in reps) / len(reps)
+    return (mean, reps) if reports else (mean, None)
 
 
 def evaluate_engine(model_path, n: int = 50, seconds: float = 2.0, stream_seconds: float = 0.0, seed: int = 4321,
-                    quiet: bool = False, sparse_topk: float | None = None) -> dict:
+                    quiet: bool = False, sparse_topk: float | None = None, streams: int = 1,
+                    steps: int | None = None) -> dict:
     """Oracle adherence of a model folder generating through the streaming engine (its preset's cache and
-    sampler): n random prompts of `seconds` each; with stream_seconds, one long stream scored over its first
-    and last 10 s. sparse_topk: block-sparse window attention at that density instead (Preset.sparse_cache)."""
+    sampler): n random prompts of `seconds` each, with the motion summary (benchmarks/oracle.py motion_summary).
+    With stream_seconds, `streams` long streams (the first prompts) scored over their first and last 10 s.
+    sparse_topk: block-sparse window attention at that density instead (Preset.sparse_cache). steps: the first
+    this many of the sampler's timesteps (fewer denoising steps)."""
     import numpy as np
 
-    from benchmarks.oracle import check_means, score_video
+    from benchmarks.oracle import check_means, motion_summary, score_video
     from engine.pipeline import VideoGenerator
 
     model = load_model_folder(model_path)
     cache = model.preset.cache if sparse_topk is None else model.preset.sparse_cache(sparse_topk)
-    gen = VideoGenerator(model, cache_cfg=cache)
+    sampler = model.preset.sampler
+    if steps is not None:
+        sampler = few_step_sampler(sampler, steps)
+    gen = VideoGenerator(model, cache_cfg=cache, sampler_cfg=sampler)
     rng = random.Random(seed)
     prompts = [sample_prompt(rng) for _ in range(n)]
 
@@ -181,12 +190,19 @@ def evaluate_engine(model_path, n: int = 50, seconds: float = 2.0, stream_second
                for i, p in enumerate(tqdm(prompts, desc="eval prompts", disable=quiet))]
     res = {"model": str(model_path), "prompts": n, "seconds": seconds, "steps": len(gen.stream.sampler_cfg.timesteps),
            "adherence": sum(r.score for r in reports) / max(n, 1), "checks": check_means(reports),
-           "sparse_topk": cache.sparse_topk}
-    if stream_seconds:
-        p, w = prompts[0], 10 * gen.fps
-        v = video(p, int(stream_seconds * gen.fps), seed)
-        res.update(stream_prompt=p, stream_seconds=stream_seconds, stream_first_10s=windows_mean(v[:w], p),
-                   stream_last_10s=windows_mean(v[-w:], p))
+           **motion_summary(reports, prompts), "sparse_topk": cache.sparse_topk, "sink": cache.sink}
+    if stream_seconds:  # long streams: the first and the last 10 s, and how the last one moves
+        w, firsts, lasts, tails = 10 * gen.fps, [], [], []
+        for i, p in enumerate(prompts[:streams]):
+            v = video(p, int(stream_seconds * gen.fps), seed + i)
+            firsts.append(windows_report(v[:w], p)[0])
+            last, tail = windows_report(v[-w:], p, reports=True)
+            lasts.append(last)
+            tails += [(r, p) for r in tail]
+        res.update(stream_prompts=prompts[:streams], stream_seconds=stream_seconds,
+                   stream_first_10s=sum(firsts) / len(firsts), stream_last_10s=sum(lasts) / len(lasts),
+                   stream_last_10s_each=lasts,
+                   stream_last_10s_motion=motion_summary([r for r, _ in tails], [p for _, p in tails]))
     return res
 
 

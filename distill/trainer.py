@@ -35,6 +35,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -57,6 +58,7 @@ class TrainConfig:
     keep: int = 2                   # checkpoints kept
     max_minutes: float | None = None  # stop, with a checkpoint, after the first step past this; resume goes on
     amp: str = "none"               # none | bf16: the loss under torch.autocast (weights, optimizer, EMA stay fp32)
+    fsdp: bool = False              # under torchrun: shard weights, gradients, optimizer state and EMA (FSDP2)
 
     def __post_init__(self):
         if self.lr_schedule not in ("constant", "cosine"):
@@ -75,6 +77,8 @@ class TrainConfig:
 class Task(Protocol):
     def batch(self, sample_ids: list[int]) -> Any: ...  # pure function of the global sample ids
     def loss(self, model: nn.Module, batch: Any, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]: ...
+    # optional: begin_step(step) is called before the micro-batches of each optimizer step (e.g. a task that
+    # alternates what it trains, as DMD's critic and generator do); it must depend on the step number only
 
 
 def lr_at(cfg: TrainConfig, s: int) -> float:
@@ -191,11 +195,18 @@ _RESERVED = {"step", "loss", "lr", "grad_norm", "samples/s", "elapsed", "n"}  # 
 class Trainer:
     """AdamW + lr schedule + grad accumulation + DDP + EMA + atomic checkpoints + jsonl log around a Task.
     The Task's loss gets the DDP wrapper when world > 1: call it (model(...)) so gradients are all-reduced.
-    resume=False starts over in `out` (its log and later checkpoints are replaced)."""
+    resume=False starts over in `out` (its log and later checkpoints are replaced).
+    groups: parameter-name prefix -> learning-rate multiplier, for a model that holds several networks (DMD's
+    generator and critic): each group gets its own lr and its own gradient clipping, and its grad norm is logged
+    as grad_norm_<prefix>. A parameter that gets no gradient in a step is left alone by AdamW (no decay either).
+    cfg.fsdp (world > 1): FSDP2 instead of DDP, for models that do not fit one device. Each transformer block (each
+    child of a ModuleList named `blocks`) is a unit and the model the root; the EMA is sharded alike. Checkpoints
+    hold full tensors in the same files as without FSDP, so a run moves freely between the two."""
 
     def __init__(self, model: nn.Module, task: Task, cfg: TrainConfig, out: str | Path, *, params=None,
                  device: str | torch.device = "cpu", resume: bool = True, quiet: bool = False,
-                 on_step: Callable[[Trainer], None] | None = None, ddp_kwargs: dict | None = None):
+                 on_step: Callable[[Trainer], None] | None = None, ddp_kwargs: dict | None = None,
+                 groups: dict[str, float] | None = None):
         self.task, self.cfg, self.out, self.quiet, self.on_step = task, cfg, Path(out), quiet, on_step
         self.device = torch.device(device)
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -203,26 +214,47 @@ class Trainer:
         self.ema = None
         if cfg.ema_decay is not None:  # fp32 so that tiny (1 - decay) updates are not rounded away in bf16
             self.ema = copy.deepcopy(self.model).float().requires_grad_(False).eval()
+        ckpt = latest_checkpoint(self.out) if resume else None
+        if ckpt is not None:  # full tensors, before any sharding
+            self._load_weights(ckpt)
+        self.fsdp = cfg.fsdp and self.world > 1
+        if self.fsdp:
+            for m in (self.model, self.ema):
+                if m is not None:
+                    _shard(m)
 
         names = {id(p): n for n, p in self.model.named_parameters()}
         chosen = self.model.parameters() if params is None else params
         params = list({id(p): p for p in chosen if params is not None or p.requires_grad}.values())
+        if groups:
+            unknown = [names.get(id(p), "") for p in params]
+            unknown = [n for n in unknown if not any(n.startswith(g) for g in groups)]
+            if unknown:
+                raise ValueError(f"Trainer groups {sorted(groups)} do not cover parameter {unknown[0]!r}")
+            parts = [(g, scale, [p for p in params if names.get(id(p), "").startswith(g)]) for g, scale in groups.items()]
+        else:
+            parts = [("", 1.0, params)]
+        self.clip_groups = [(g, ps) for g, _, ps in parts]
         # nanoGPT: weight decay on matrices / embeddings only, never on biases and norm gains
-        groups = [g for g in ({"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}) if g["params"]]
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+        opt_groups = [g for name, scale, ps in parts
+                      for g in ({"params": [p for p in ps if p.dim() >= 2], "weight_decay": cfg.weight_decay,
+                                 "lr_scale": scale},
+                                {"params": [p for p in ps if p.dim() < 2], "weight_decay": 0.0, "lr_scale": scale})
+                      if g["params"]]
+        self.optimizer = torch.optim.AdamW(opt_groups, lr=cfg.lr, betas=cfg.betas)
         self.params = params
-        self.param_names = [[names.get(id(p), f"<external {i}>") for i, p in enumerate(g["params"])] for g in groups]
+        self.param_names = [[names.get(id(p), f"<external {i}>") for i, p in enumerate(g["params"])]
+                            for g in opt_groups]
 
         self.step, self.elapsed = 0, 0.0
         self._acc: dict[str, float] = {}  # sums since the last log line; saved so a resumed log matches exactly
-        if resume and (ckpt := latest_checkpoint(self.out)) is not None:
-            self._load(ckpt)
+        if ckpt is not None:
+            self._load_state(ckpt)
         self.last = self._read_log()
         if self.rank == 0:
             self._prepare_out()
         self.ddp = None
-        if self.world > 1:  # DDP broadcasts rank 0's weights, so every rank starts identical
+        if self.world > 1 and not self.fsdp:  # DDP broadcasts rank 0's weights, so every rank starts identical
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = DDP(self.model, device_ids=ids, **(ddp_kwargs or {}))
             dist.barrier()
@@ -235,12 +267,16 @@ class Trainer:
         return bool(late.item())
 
     # ------------------------------------------------------------------------------------ checkpoints
-    def _load(self, ckpt: Path):
-        state = _read(ckpt / "state.json")
+    def _load_weights(self, ckpt: Path):
+        _read(ckpt / "state.json")  # a broken checkpoint is named by its first bad file, state.json first
         _load_into(self.model, ckpt / "model.safetensors")
         if self.ema is not None:  # EMA switched on mid-run: start it from the weights
             ema = ckpt / "ema.safetensors"
             _load_into(self.ema, ema if ema.exists() else ckpt / "model.safetensors")
+
+    def _load_state(self, ckpt: Path):
+        """Optimizer state, step, time and log sums (after the optimizer exists; the weights came first)."""
+        state = _read(ckpt / "state.json")
         tensors, meta = _read(ckpt / "optimizer.safetensors")
         try:
             meta = json.loads(meta["optimizer"])
@@ -253,7 +289,17 @@ class Trainer:
             i, name = key.split(".", 1)
             opt_state.setdefault(int(i), {})[name] = t
         # hyper-parameters come from the current cfg (lr is set every step anyway), only the state is restored
-        self.optimizer.load_state_dict({"state": opt_state, "param_groups": self.optimizer.state_dict()["param_groups"]})
+        if self.fsdp:  # the same full state keyed by parameter name; every rank keeps its own shard of it
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            flat = [n for g in self.param_names for n in g]
+            groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": names}
+                      for g, names in zip(self.optimizer.param_groups, self.param_names)]
+            set_optimizer_state_dict(self.model, self.optimizer, {"state": {flat[i]: st for i, st in opt_state.items()},
+                                     "param_groups": groups}, options=StateDictOptions(full_state_dict=True))
+        else:
+            self.optimizer.load_state_dict({"state": opt_state,
+                                            "param_groups": self.optimizer.state_dict()["param_groups"]})
         self.step, self.elapsed, self._acc = state["step"], state.get("elapsed", 0.0), state.get("log_acc", {})
 
         old, new, old_world = state["config"], json.loads(json.dumps(asdict(self.cfg))), state.get("world_size", 1)
@@ -292,21 +338,40 @@ class Trainer:
         except OSError as e:
             raise RuntimeError(f"output folder {self.out} is not writable: {e.strerror or _oneline(e)}") from None
 
+    def _full_state(self) -> tuple[dict, dict | None, dict]:
+        """(model, EMA, optimizer state keyed by flat parameter index) as full tensors. With FSDP a collective:
+        every rank calls it, rank 0 gets the tensors."""
+        if not self.fsdp:
+            return (self.model.state_dict(), self.ema.state_dict() if self.ema is not None else None,
+                    self.optimizer.state_dict()["state"])
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model = get_model_state_dict(self.model, options=opts)
+        ema = get_model_state_dict(self.ema, options=opts) if self.ema is not None else None
+        index = {n: i for i, n in enumerate(n for g in self.param_names for n in g)}
+        opt = get_optimizer_state_dict(self.model, self.optimizer, options=opts).get("state", {})  # rank 0 only
+        return model, ema, {index[n]: st for n, st in opt.items()}
+
     def save(self):
-        """Write checkpoints/step_XXXXXX atomically (temp folder + os.replace), point `latest` at it, prune."""
+        """Write checkpoints/step_XXXXXX atomically (temp folder + os.replace), point `latest` at it, prune.
+        Rank 0 writes; with FSDP every rank must call it (the full tensors are gathered)."""
+        model_sd, ema_sd, opt_state = self._full_state()
+        if self.rank != 0:
+            return
         ck, name = self.out / "checkpoints", f"step_{self.step:06d}"
         tmp, final = ck / f".tmp_{name}", ck / name
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file(_cpu(self.model.state_dict()), tmp / "model.safetensors")
-        if self.ema is not None:
-            save_file(_cpu(self.ema.state_dict()), tmp / "ema.safetensors")
-        sd = self.optimizer.state_dict()
+        save_file(_cpu(model_sd), tmp / "model.safetensors")
+        if ema_sd is not None:
+            save_file(_cpu(ema_sd), tmp / "ema.safetensors")
         # Adam's exp_avg, exp_avg_sq and step count are tensors -> "3.exp_avg"; anything else goes to the JSON
-        tensors = {f"{i}.{k}": v for i, st in sd["state"].items() for k, v in st.items() if torch.is_tensor(v)}
-        other = {str(i): {k: v for k, v in st.items() if not torch.is_tensor(v)} for i, st in sd["state"].items()}
+        tensors = {f"{i}.{k}": v for i, st in opt_state.items() for k, v in st.items() if torch.is_tensor(v)}
+        other = {str(i): {k: v for k, v in st.items() if not torch.is_tensor(v)} for i, st in opt_state.items()}
         meta = {"param_names": self.param_names, "state": other,
-                "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]}
+                "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]}
         save_file(_cpu(tensors), tmp / "optimizer.safetensors", metadata={"optimizer": json.dumps(meta)})
         state = {"step": self.step, "config": asdict(self.cfg), "world_size": self.world, "elapsed": self.elapsed,
                  "log_acc": self._acc,
@@ -327,8 +392,9 @@ class Trainer:
     @torch.no_grad()
     def _update_ema(self):
         # one foreach call, not a kernel per tensor (a GPU step of a small model is launch-bound)
-        torch._foreach_lerp_(list(self.ema.parameters()), [p.float() for p in self.model.parameters()],
-                             1.0 - self.cfg.ema_decay)
+        # with FSDP both are sharded alike: each rank averages its own shards
+        torch._foreach_lerp_([_local(p) for p in self.ema.parameters()],
+                             [_local(p).float() for p in self.model.parameters()], 1.0 - self.cfg.ema_decay)
         for e, b in zip(self.ema.buffers(), self.model.buffers()):
             e.copy_(b)
 
@@ -342,6 +408,8 @@ class Trainer:
         torch.manual_seed(seed)  # modules that use the global RNG (dropout) replay exactly too
         batch = _to(self.task.batch(list(range(start, start + cfg.batch_size))), self.device)
         sync = self.ddp is None or m == cfg.grad_accum - 1  # DDP all-reduces once, after the last micro-batch
+        if self.fsdp:  # FSDP reduce-scatters once, likewise
+            self.model.set_requires_gradient_sync(m == cfg.grad_accum - 1)
         with contextlib.nullcontext() if sync else self.ddp.no_sync():
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
                 loss, metrics = self.task.loss(model, batch, gen)
@@ -364,8 +432,10 @@ class Trainer:
         while self.step < cfg.steps:
             lr = lr_at(cfg, self.step)
             for g in self.optimizer.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * g.get("lr_scale", 1.0)
             model.train()  # every step: on_step may have switched to eval for sampling
+            if hasattr(self.task, "begin_step"):
+                self.task.begin_step(self.step)
             rows = [self._micro_batch(model, self.step, m) for m in range(cfg.grad_accum)]
             keys = sorted(rows[0])
             stats = torch.tensor([[r[k] for k in keys] for r in rows], dtype=torch.float64).mean(0)
@@ -373,7 +443,10 @@ class Trainer:
                 stats = stats.to(self.device)
                 dist.all_reduce(stats)
                 stats = stats.cpu() / self.world
-            grad_norm = nn.utils.clip_grad_norm_(self.params, cfg.grad_clip or math.inf)  # measures it too
+            norms = {g: nn.utils.clip_grad_norm_(ps, cfg.grad_clip or math.inf)  # measures it too
+                     for g, ps in self.clip_groups}
+            norms = {g: _local(n.full_tensor() if isinstance(n, DTensor) else n) for g, n in norms.items()}
+            grad_norm = torch.stack(list(norms.values())).norm() if len(norms) > 1 else next(iter(norms.values()))
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.model.zero_grad(set_to_none=True)  # also grads of params the optimizer leaves alone
@@ -382,7 +455,8 @@ class Trainer:
             self.step += 1
             self.elapsed = elapsed0 + time.perf_counter() - t_start
 
-            for k, v in [*zip(keys, stats.tolist()), ("grad_norm", grad_norm.item()), ("n", 1)]:
+            group_norms = [(f"grad_norm_{g.rstrip('.')}", n.item()) for g, n in norms.items()] if len(norms) > 1 else []
+            for k, v in [*zip(keys, stats.tolist()), ("grad_norm", grad_norm.item()), *group_norms, ("n", 1)]:
                 self._acc[k] = self._acc.get(k, 0.0) + v
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 now, acc, self._acc = time.perf_counter(), self._acc, {}
@@ -395,19 +469,41 @@ class Trainer:
                 if self.rank == 0:
                     with open(self.out / "log.jsonl", "a") as f:
                         f.write(json.dumps(self.last) + "\n")
-            if self.rank == 0 and (self.step % cfg.ckpt_every == 0 or self.step == cfg.steps):
+            if (self.rank == 0 or self.fsdp) and (self.step % cfg.ckpt_every == 0 or self.step == cfg.steps):
                 self.save()
             bar.update(1)
             if self.on_step is not None:
                 self.on_step(self)
             if cfg.max_minutes is not None and self._out_of_time(t_start):
-                if self.rank == 0 and self.step % cfg.ckpt_every != 0 and self.step != cfg.steps:
+                if (self.rank == 0 or self.fsdp) and self.step % cfg.ckpt_every != 0 and self.step != cfg.steps:
                     self.save()
                 break
         bar.close()
         if self.world > 1:  # the final checkpoint is on disk before any rank goes on to read it
             dist.barrier()
         return self.last
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _shard(model: nn.Module):
+    """FSDP2: every child of a ModuleList named `blocks` (transformer blocks) is a unit, the model the root; a unit's
+    `fsdp_forward_methods` gather it like forward() does. Rank 0's weights are broadcast first, so every rank
+    shards the same tensors (as DDP's start does)."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(t.data, 0)
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and name.split(".")[-1] == "blocks":
+            for blk in m:
+                fully_shard(blk)
+                for method in getattr(blk, "fsdp_forward_methods", ()):  # e.g. Block.text_kv
+                    register_fsdp_forward_method(blk, method)
+    fully_shard(model)
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -445,6 +541,8 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults) -> argparse.Argu
     for flag, dest, typ, help in _ARGS:
         g.add_argument(flag, dest=dest, type=typ, default=base[dest], required=base[dest] is None and dest == "steps",
                        help=f"{help} (default: {base[dest]})")
+    g.add_argument("--fsdp", action="store_true", default=False,
+                   help="under torchrun: shard weights, gradients, optimizer state and EMA over the processes (FSDP2)")
     g.add_argument("--out", default=base["out"], required=base["out"] is None, help="run folder")
     g.add_argument("--no-resume", action="store_true", default=base["no_resume"], help="start over, ignoring checkpoints")
     g.add_argument("--quiet", action="store_true", default=base["quiet"], help="no progress bar")

@@ -8,6 +8,12 @@ compile_blocks()
     the attention call) stays eager: its Python bookkeeping changes while the window fills, and compiling it
     would recompile at every change. Process-wide; `reset_compiled()` restores the eager functions.
 
+checkpoint_blocks()
+    Activation checkpointing for training at scale (distill/self_forcing.py --checkpoint-activations): the same two
+    pure halves keep only their inputs for the backward and recompute the rest, above all the feed-forward's wide
+    activations. The attention context in between is not recomputed: its cache writes are side effects, and a
+    recompute would read a cache that later chunks have since changed.
+
 compile_decoder(vae)
     Compiles the VAE decoder in place: on a GPU at 832x480 it is the largest stage after the transformer.
 
@@ -47,6 +53,22 @@ def compile_blocks(backend: str = "inductor", mode: str | None = None):
     _attention._ROPE["fn"] = torch.compile(_EAGER["rope"], **kw)
 
 
+def checkpoint_blocks():
+    """Swap in checkpointed block halves (see the module doc). Process-wide; reset_compiled() undoes it."""
+    from torch.utils.checkpoint import checkpoint
+
+    pre, post = _EAGER["pre"], _EAGER["post"]
+
+    def pre_ckpt(blk, x, mod):
+        return checkpoint(pre, blk, x, mod, use_reentrant=False)
+
+    def post_ckpt(blk, x, o, mods, text_kv):
+        return checkpoint(post, blk, x, o, mods, text_kv, use_reentrant=False)
+
+    pre_ckpt.checkpointed = post_ckpt.checkpointed = True
+    _model._STAGES["pre"], _model._STAGES["post"] = pre_ckpt, post_ckpt
+
+
 def reset_compiled():
     _model._STAGES["pre"], _model._STAGES["post"] = _EAGER["pre"], _EAGER["post"]
     _attention._ROPE["fn"] = _EAGER["rope"]
@@ -68,7 +90,8 @@ def reset_decoder(vae):
 
 
 def is_compiled() -> bool:
-    return _model._STAGES["pre"] is not _EAGER["pre"]
+    stage = _model._STAGES["pre"]
+    return stage is not _EAGER["pre"] and not getattr(stage, "checkpointed", False)
 
 
 class GraphedForward:

@@ -146,6 +146,13 @@ class KVCache:
         if state is not None:
             self.mem_M, self.mem_z, self.memory_chunks = state
 
+    def detach_(self):
+        """Drop the autograd history of every buffer. Training rollouts (distill/self_forcing.py) call it after each
+        chunk: a gradient then stays inside the forward that made it, and the context is a constant to later chunks."""
+        self.k, self.v = self.k.detach(), self.v.detach()
+        if self.cfg.linear_memory:
+            self.mem_M, self.mem_z = self.mem_M.detach(), self.mem_z.detach()
+
     # ---- the chunk boundary ---------------------------------------------------------------------
 
     def commit(self):

@@ -136,11 +136,23 @@ def save_transformer(model: CausalWanModel, folder: Path, dtype=None):
     save_file(sd, str(folder / WEIGHTS), metadata={"format": "pt"})
 
 
+def _has_linear_memory(file: Path) -> bool:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), "pt") as f:
+            return any(".attn1.mem_proj." in k for k in f.keys())
+    except (SafetensorError, OSError, ValueError):
+        return False  # load_state names the file
+
+
 def load_transformer(folder: Path, device="cpu", dtype=torch.float32) -> CausalWanModel:
     cfg = transformer_config(_json(folder / "config.json"), folder / "config.json")
     with torch.device("meta"):
         model = CausalWanModel(cfg)
     model = model.to_empty(device="cpu")
+    if _has_linear_memory(folder / WEIGHTS):  # a student distilled with the linear memory (Hybrid Forcing)
+        model.enable_linear_memory()
     load_state(model, folder / WEIGHTS)
     return model.to(device, dtype).eval().requires_grad_(False)
 

@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--sink", choices=["none", "static", "ema"], help="override the model's sink policy")
     p.add_argument("--window", type=int, metavar="LATENT_FRAMES", help="override the rolling window length")
+    p.add_argument("--steps", type=int, help="denoising steps: the first of the model's timesteps, evenly spaced "
+                                             "(default: all of them; a DMD student also runs at 2 or 1)")
     p.add_argument("--fp8", action="store_true",
                    help="FP8 weights in the transformer blocks (engine/fp8.py): half of bf16's memory; FP8 matmuls "
                         "on GPUs of compute capability 8.9+ with --dtype bfloat16")
@@ -70,6 +72,7 @@ def main(argv=None) -> int:
 
     from .folder import ModelLoadError, load_model_folder
     from .pipeline import VideoGenerator
+    from .sampler import few_step_sampler
     from .video_io import open_writer
 
     if a.threads:
@@ -90,6 +93,10 @@ def main(argv=None) -> int:
         cache_cfg = replace(preset.cache, **overrides)
     except ValueError as e:
         parser.error(str(e))
+    try:
+        sampler_cfg = few_step_sampler(preset.sampler, a.steps) if a.steps is not None else None
+    except ValueError as e:
+        parser.error(f"--steps: {e}")
 
     frames = a.frames if a.frames is not None else round((a.seconds if a.seconds is not None else 5.0) * preset.fps)
     frames = max(frames, 1)
@@ -109,7 +116,7 @@ def main(argv=None) -> int:
         from .accel import compile_blocks
 
         compile_blocks()
-    gen = VideoGenerator(model, cache_cfg=cache_cfg)
+    gen = VideoGenerator(model, cache_cfg=cache_cfg, sampler_cfg=sampler_cfg)
     gen.warmup()
     t_load = time.perf_counter() - t_load
     prompts = list(zip([0] + a.switch_at, a.prompt))

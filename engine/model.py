@@ -136,6 +136,12 @@ class Block(nn.Module):
         self.norm3 = FP32LayerNorm(dim, eps, elementwise_affine=False)
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
+    fsdp_forward_methods = ("text_kv",)  # called from outside forward(): FSDP must gather the block for it too
+
+    def text_kv(self, ctx):
+        """Cross-attention K/V of the projected prompt ctx [B, Lt, dim] -> (k, v) [B, Lt, H, D]."""
+        return self.attn2.kv(ctx)
+
     def forward(self, x, mod, text_kv, ctx: AttnContext, layer: int):
         # x [B, L, dim]; mod [B, L or 1, 6, dim] fp32; text_kv = (k, v) [B, Lt, H, D]
         # The attention context (cache bookkeeping, RoPE, the attention call) runs between two pure tensor
@@ -210,7 +216,7 @@ class CausalWanModel(nn.Module):
     def text_kv(self, text: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Prompt embeddings [B, Lt, text_dim] -> per layer cross-attention (k, v), each [B, Lt, H, D]."""
         ctx = self.condition_embedder.text_embedder(text.to(self.dtype))
-        return [blk.attn2.kv(ctx) for blk in self.blocks]
+        return [blk.text_kv(ctx) for blk in self.blocks]
 
     def forward(self, x, timestep, encoder_hidden_states=None, *, text_kv=None, ctx: AttnContext | None = None):
         """x [B, C, F, h, w], timestep [B] or [B, F] (0..1000) -> flow prediction [B, C, F, h, w].

@@ -47,3 +47,15 @@ def sample(denoise: Callable[[torch.Tensor, float], torch.Tensor], noise: torch.
             fresh = randn() if randn is not None else torch.randn_like(x)
             x = (1.0 - s_next) * x0 + s_next * fresh
     raise AssertionError("unreachable")
+
+
+def few_step_sampler(cfg: SamplerConfig, steps: int) -> SamplerConfig:
+    """The schedule cut to `steps` of its timesteps, evenly spaced and always starting at the first (pure noise):
+    a 4-step student's (1000, 750, 500, 250) gives (1000, 500) at 2 steps and (1000,) at 1. A student trained by
+    self-forcing DMD predicts x0 from any of its timesteps, so it runs on a subset."""
+    import dataclasses
+
+    n = len(cfg.timesteps)
+    if not 1 <= steps <= n:
+        raise ValueError(f"steps must lie in 1..{n} (the model's schedule has {n}), not {steps}")
+    return dataclasses.replace(cfg, timesteps=tuple(cfg.timesteps[i * n // steps] for i in range(steps)))

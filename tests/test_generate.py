@@ -93,6 +93,14 @@ def test_same_seed_same_frames_other_seed_other_frames(model, tmp_path, capsys):
     assert a.std() > 0, "frames should not be constant"
 
 
+def test_steps_cuts_the_schedule(model, tmp_path, capsys):
+    for name, extra in (("default", []), ("four", ["--steps", 4]), ("one", ["--steps", 1])):
+        generate(capsys, model, tmp_path / name, "--frames", 9, *extra)
+    a, b, c = (png_frames(tmp_path / n) for n in ("default", "four", "one"))
+    assert np.array_equal(a, b), "--steps 4 is the model's own 4-step schedule"
+    assert c.shape == a.shape and not np.array_equal(a, c), "one step is another video of the same length"
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Output formats and lengths
 # --------------------------------------------------------------------------------------------------------------
@@ -236,6 +244,8 @@ BAD = [
     ("unsupported-suffix", [], "out.avi"),
     ("bad-sink", ["--sink", "bogus"], "out.mp4"),
     ("bad-window", ["--window", "3"], "out.mp4"),
+    ("zero-steps", ["--steps", "0"], "out.mp4"),
+    ("too-many-steps", ["--steps", "9"], "out.mp4"),
     ("empty-prompt", ["--prompt", "", "--switch-at", "5"], "out.mp4"),
     ("frames-and-seconds", ["--frames", "9", "--seconds", "1"], "out.mp4"),
     ("frames-not-int", ["--frames", "many"], "out.mp4"),
@@ -287,6 +297,7 @@ def test_bad_arguments_messages_say_what_is_wrong(model, bad_cwd, capsys):
     assert "--no-such-flag" in err_of(["--no-such-flag"])
     assert ".avi" in err_of([], "out.avi")
     assert "bogus" in err_of(["--sink", "bogus"])
+    assert "--steps" in err_of(["--steps", "9"]) and "1..4" in err_of(["--steps", "9"])
 
 
 SUBPROCESS_BAD = [

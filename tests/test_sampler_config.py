@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from engine.config import PRESETS, CacheConfig, SamplerConfig, get_preset, preset_from_dict, to_dict
-from engine.sampler import sample, sigmas
+from engine.sampler import few_step_sampler, sample, sigmas
 
 
 def test_shifted_schedule_matches_self_forcing_warp():
@@ -75,3 +75,15 @@ def test_presets_round_trip_through_json_dicts():
     assert get_preset("wan2.1-1.3b").tokens_per_frame == 1560  # 480x832 -> 60x104 latent -> 30x52 tokens
     with pytest.raises(ValueError, match="tiny"):
         get_preset("nope")
+
+
+def test_few_step_sampler_cuts_the_schedule_from_pure_noise():
+    cfg = SamplerConfig()
+    assert few_step_sampler(cfg, 4) == cfg
+    assert few_step_sampler(cfg, 2).timesteps == (1000.0, 500.0)
+    assert few_step_sampler(cfg, 1).timesteps == (1000.0,)
+    assert few_step_sampler(cfg, 3).timesteps == (1000.0, 750.0, 500.0)
+    assert sigmas(few_step_sampler(cfg, 2)) == [sigmas(cfg)[0], sigmas(cfg)[2]]
+    for bad in (0, 5):
+        with pytest.raises(ValueError, match="1..4"):
+            few_step_sampler(cfg, bad)

@@ -54,9 +54,14 @@ def runs(tmp_path_factory):
     full = _popen(["--grad-accum", "2"], d / "full")  # 1 process, 2 micro-batches per step
     killed = _popen(["--grad-accum", "2"], d / "killed", kill_at=17)  # last checkpoint before the kill: 10
     ddp = _popen(["--grad-accum", "1"], d / "ddp", torchrun=True)  # 2 processes, 1 micro-batch each
-    results = {name: _wait(p) for name, p in [("full", full), ("killed", killed), ("ddp", ddp)]}
+    # FSDP over 2 processes, stopped at step 20 and resumed (sharded optimizer state written and read back)
+    fsdp = _popen(["--grad-accum", "1", "--fsdp", "--steps", "20"], d / "fsdp", torchrun=True)
+    results = {name: _wait(p) for name, p in [("full", full), ("killed", killed), ("ddp", ddp), ("fsdp", fsdp)]}
     assert results["full"][0] == 0, results["full"][1]
     assert results["ddp"][0] == 0, results["ddp"][1]
+    assert results["fsdp"][0] == 0, results["fsdp"][1]
+    rc, out = _wait(_popen(["--grad-accum", "1", "--fsdp"], d / "fsdp", torchrun=True))
+    assert rc == 0, out
     assert results["killed"][0] == -9, results["killed"][1]
     at_kill = {"log_steps": [r["step"] for r in _log(d / "killed")],
                "latest": (d / "killed/checkpoints/latest").read_text().strip()}
@@ -78,17 +83,29 @@ def test_sigkill_then_resume_replays_exactly(runs):
     assert sorted(p.name for p in (d / "killed/checkpoints").iterdir()) == ["latest", "step_000020", "step_000030"]
 
 
-def test_torchrun_two_processes_match_grad_accum(runs):
-    d, _ = runs
-    full, ddp = _log(d / "full"), _log(d / "ddp")
-    assert [r["step"] for r in ddp] == list(range(1, 31))
-    torch.testing.assert_close(torch.tensor([r["loss"] for r in ddp]), torch.tensor([r["loss"] for r in full]),
-                               rtol=1e-6, atol=1e-7)
-    a, b = load_weights(d / "full", "model"), load_weights(d / "ddp", "model")
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
-    state = json.loads((d / "ddp/checkpoints/step_000030/state.json").read_text())
+def _matches_full(d, name, rtol, weights=("model",)) -> dict:
+    """A 2-process run equals the 1-process, 2-micro-batch one up to reduction order; returns its last state."""
+    full, other = _log(d / "full"), _log(d / name)
+    assert [r["step"] for r in other] == list(range(1, 31))
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in other]), torch.tensor([r["loss"] for r in full]),
+                               rtol=rtol, atol=1e-7)
+    for which in weights:
+        a, b = load_weights(d / "full", which), load_weights(d / name, which)
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+    state = json.loads((d / name / "checkpoints/step_000030/state.json").read_text())
     assert state["world_size"] == 2 and state["config"]["grad_accum"] == 1
+    return state
+
+
+def test_torchrun_two_processes_match_grad_accum(runs):
+    _matches_full(runs[0], "ddp", rtol=1e-6)
+
+
+def test_fsdp_matches_grad_accum_across_a_resume(runs):
+    # full tensors on disk (model and EMA), the same files as without FSDP
+    assert _matches_full(runs[0], "fsdp", rtol=1e-5, weights=("model", "ema"))["config"]["fsdp"]
 
 
 @pytest.fixture
