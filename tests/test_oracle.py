@@ -283,3 +283,22 @@ def test_cli_bad_input_exits_2(tmp_path, args, message):
     assert res.returncode == 2, (res.stdout, res.stderr)
     assert message in res.stderr and "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_motion_summary_speed_ratio_frozen_and_copy_rates():
+    from benchmarks.oracle import motion_summary
+    from distill.shapes import render_prompt
+
+    asked = "a red circle moving right on a black background"
+    right = render_prompt(asked, 33, seed=1)
+    slow = render_prompt("a red circle moving right slowly on a black background", 33, seed=1)  # half the speed
+    frozen = np.repeat(right[:1], 33, axis=0)
+    copied = np.concatenate([right[:11], right[:11], right[:11]])  # a block of frames played again
+    reps = [score_video(v, asked) for v in (right, slow, frozen, copied)]
+    one = [motion_summary([r], [asked]) for r in reps]
+    assert abs(one[0]["motion_ratio"] - 1) < 0.1 and one[0]["frozen_rate"] == one[0]["copy_rate"] == 0
+    assert abs(one[1]["motion_ratio"] - 0.5) < 0.1
+    assert one[2]["frozen_rate"] == 1 and one[2]["motion_ratio"] < 0.1
+    assert one[3]["copy_rate"] == 1
+    both = motion_summary(reps, [asked] * 4)
+    assert both["frozen_rate"] == both["copy_rate"] == 0.25
