@@ -38,9 +38,11 @@ test: $(STAMP)
 #    VAE, started from it (runs/teacher-t2), with a last cosine-annealed phase (runs/teacher-t2d), exported into
 #    assets/shapes-teacher in fp16 and evaluated (oracle adherence on 50 prompts). Work in progress: see the
 #    README's status table.
-# 4. The causal student regressed on 1,000 teacher ODE trajectories (800 steps), exported into assets/shapes with
+# 4. The causal student regressed on 1,000 teacher ODE trajectories (800 steps), exported into runs/ode-t2-model with
 #    the teacher's text code and evaluated through the streaming engine (50 prompts and a 2-minute stream).
-SHAPES_DESCRIPTION := Shapes model under construction: random transformer and text encoder (seed 0) until the ODE step below replaces them
+# 5. Self-forcing DMD from it against the teacher (400 steps, EMA sink, rollouts of 3 or 6 chunks), exported into
+#    assets/shapes and evaluated (50 prompts and two 2-minute streams).
+SHAPES_DESCRIPTION := Shapes model under construction: random transformer and text encoder (seed 0) until the last steps below replace them
 T2 := --preset shapes-t2
 assets: $(STAMP)
 	$(BIN)/python -m engine.init_model $(T2) --out assets/shapes --seed 0 --description "$(SHAPES_DESCRIPTION)"
@@ -64,7 +66,9 @@ assets: $(STAMP)
 	$(BIN)/python -m distill.train_teacher $(T2) --latents runs/latents-t2.safetensors --out runs/teacher-t2d --init runs/teacher-t2 --text fixed --steps 700 --warmup 30 --lr-schedule cosine --shift 5 --latent-lengths 5 9 17 --p-context 0.5 --ema 0.995
 	$(BIN)/python -m distill.train_teacher $(T2) --out runs/teacher-t2d --vae assets/shapes/vae --export assets/shapes-teacher --eval 50
 	$(BIN)/python -m distill.ode_init $(T2) --teacher runs/teacher-t2d --vae assets/shapes/vae --pairs runs/ode-pairs-t2.safetensors --out runs/ode-t2 --steps 800
-	$(BIN)/python -m distill.ode_init $(T2) --teacher runs/teacher-t2d --vae assets/shapes/vae --out runs/ode-t2 --export assets/shapes --eval 50
+	$(BIN)/python -m distill.ode_init $(T2) --teacher runs/teacher-t2d --vae assets/shapes/vae --out runs/ode-t2 --export runs/ode-t2-model --eval 50
+	$(BIN)/python -m distill.self_forcing --student runs/ode-t2-model --teacher assets/shapes-teacher --out runs/dmd --steps 400 --batch-size 8 --lr 5e-5 --rollout-chunks 3 6
+	$(BIN)/python -m distill.self_forcing --out runs/dmd --export assets/shapes --eval 50
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -189,7 +189,9 @@ def evaluate_engine(model_path, n: int = 50, seconds: float = 2.0, stream_second
     reports = [score_video(video(p, int(seconds * gen.fps), seed + i), p)
                for i, p in enumerate(tqdm(prompts, desc="eval prompts", disable=quiet))]
     res = {"model": str(model_path), "prompts": n, "seconds": seconds, "steps": len(gen.stream.sampler_cfg.timesteps),
-           "adherence": sum(r.score for r in reports) / max(n, 1), "checks": check_means(reports),
+           "adherence": sum(r.score for r in reports) / max(n, 1),
+           "adherence_se": float(np.std([r.score for r in reports], ddof=1) / np.sqrt(n)) if n > 1 else float("nan"),
+           "checks": check_means(reports),
            **motion_summary(reports, prompts), "sparse_topk": cache.sparse_topk, "sink": cache.sink}
     if stream_seconds:  # long streams: the first and the last 10 s, and how the last one moves
         w, firsts, lasts, tails = 10 * gen.fps, [], [], []

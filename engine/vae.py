@@ -48,7 +48,14 @@ class VideoVAE:
 
     def save(self, path):
         """Writes diffusers' layout: config.json + diffusion_pytorch_model.safetensors."""
+        import json
+        from pathlib import Path
+
         self.vae.save_pretrained(str(path), safe_serialization=True)
+        cfg = Path(path) / "config.json"  # a VAE read from a folder would record that folder's local path
+        d = json.loads(cfg.read_text())
+        if d.pop("_name_or_path", None) is not None:
+            cfg.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
 
     @property
     def device(self):

@@ -86,3 +86,13 @@ def test_shapes_vae_strides_and_bad_configs():
         VAEConfig(temperal_downsample=(False, False, True))
     with pytest.raises(ValueError, match="one entry per downsampling stage"):
         VAEConfig(dim_mult=(1, 2), temperal_downsample=(True, True))
+
+
+def test_a_loaded_vae_saves_without_its_source_path(tmp_path):
+    """Re-exporting a VAE read from a folder must not write that (local) folder into the new config.json."""
+    import json
+
+    VideoVAE.from_config(get_preset("tiny").vae).save(tmp_path / "a")
+    VideoVAE.from_folder(tmp_path / "a").save(tmp_path / "b")
+    a, b = (json.loads((tmp_path / d / "config.json").read_text()) for d in "ab")
+    assert "_name_or_path" not in b and a == b
