@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import random
 import sys
 from dataclasses import dataclass
@@ -46,7 +45,7 @@ import torch.nn.functional as F
 
 from engine.cache import KVCache
 from engine.cli import OneLineParser, one_line_errors
-from engine.config import CacheConfig, SamplerConfig, preset_from_dict, to_dict
+from engine.config import CacheConfig, SamplerConfig
 from engine.folder import load_model_folder, save_model_folder
 from engine.model import CausalWanModel
 from engine.sampler import shift_sigma, sigmas
@@ -233,8 +232,7 @@ class DMDNets(nn.Module):
         with torch.no_grad():
             kv = teacher.text_kv(torch.cat([teacher_emb, uncond_emb.expand_as(teacher_emb)]))
         cond_kv, uncond_kv = [[(k[:B], v[:B]) for k, v in kv], [(k[B:], v[B:]) for k, v in kv]]
-        direction = dmd_direction(x, teacher, self.critic, cond_kv, uncond_kv, [(k.detach(), v.detach())
-                                  for k, v in critic_kv], sigma, eps, cfg.guidance)
+        direction = dmd_direction(x, teacher, self.critic, cond_kv, uncond_kv, critic_kv, sigma, eps, cfg.guidance)
         per = dmd_loss(x, direction)  # [B]
         if cfg.reward_beta:
             r = motion_rewards(self.frozen["vae"], x, prompts)

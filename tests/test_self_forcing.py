@@ -11,7 +11,7 @@ import torch
 from distill import self_forcing as sf
 from distill.shapes import render_prompt
 from distill.teacher import Teacher
-from engine.config import SamplerConfig, get_preset
+from engine.config import get_preset
 from engine.model import CausalWanModel
 from engine.sampler import sigmas
 from engine.stream import Stream
