@@ -152,13 +152,12 @@ class ODETask:
 # ---- evaluation through the engine --------------------------------------------------------------------
 
 
-def windows_report(frames, prompt: str, window: int = 32, reports: bool = False):
-    """Mean adherence of the windows of a stretch of stream, and with `reports` the windows' oracle reports."""
+def windows_report(frames, prompt: str, window: int = 32):
+    """(mean adherence of the windows of a stretch of stream, the windows' oracle reports)."""
     from benchmarks.oracle import score_windows
 
     reps = score_windows(frames, prompt, window=window)
-    mean = sum(r.score for r in reps) / len(reps)
-    return (mean, reps) if reports else (mean, None)
+    return sum(r.score for r in reps) / len(reps), reps
 
 
 def evaluate_engine(model_path, n: int = 50, seconds: float = 2.0, stream_seconds: float = 0.0, seed: int = 4321,
@@ -198,7 +197,7 @@ def evaluate_engine(model_path, n: int = 50, seconds: float = 2.0, stream_second
         for i, p in enumerate(prompts[:streams]):
             v = video(p, int(stream_seconds * gen.fps), seed + i)
             firsts.append(windows_report(v[:w], p)[0])
-            last, tail = windows_report(v[-w:], p, reports=True)
+            last, tail = windows_report(v[-w:], p)
             lasts.append(last)
             tails += [(r, p) for r in tail]
         res.update(stream_prompts=prompts[:streams], stream_seconds=stream_seconds,

@@ -59,7 +59,7 @@ from .trainer import (Trainer, add_train_args, config_from_args, latest_checkpoi
 class DMDConfig:
     guidance: float = 4.0  # CFG of the real score (the teacher's own sampler uses 4)
     ttur: int = 5  # critic updates per generator update (DMD2's two time-scale rule; Self-Forcing uses 5)
-    rollout_chunks: tuple[int, ...] = (3,)  # chunks per rollout, one drawn per step; > (sink + window) / chunk: eviction
+    rollout_chunks: tuple[int, ...] = (3, 6)  # chunks per rollout, one drawn per step; > (sink + window) / chunk: eviction
     dmd_chunks: int = 3  # the last this many chunks are scored (the teacher sees them as one clip)
     t_min: float = 0.02  # DMD / critic timesteps: uniform in [t_min, t_max], then shifted (Self-Forcing: 20..980)
     t_max: float = 0.98
@@ -386,8 +386,9 @@ def _main(argv=None) -> int:
     from .ode_init import evaluate_engine
 
     p = OneLineParser(prog="python -m distill.self_forcing", description=__doc__.split("\n")[0])
-    add_train_args(p, steps=400, batch_size=8, lr=2e-5, ckpt_every=50, log_every=5, ema=0.99, out="runs/dmd")
-    p.add_argument("--student", default="assets/shapes", help="the ODE-initialised student (engine model folder)")
+    add_train_args(p, steps=400, batch_size=8, lr=5e-5, ckpt_every=50, log_every=5, ema=0.99, out="runs/dmd")
+    p.add_argument("--student", default="assets/shapes",
+                   help="the student to start from, an engine model folder (make assets: the ODE student)")
     p.add_argument("--teacher", default="assets/shapes-teacher",
                    help="the real score: a Shapes teacher folder or run, or any model folder --model loads")
     p.add_argument("--prompts", metavar="FILE", help="train on these prompts, one a line (default: random Shapes "
