@@ -10,7 +10,8 @@ Systems (same model, resolution, frame count, seed), each with the oracle's adhe
   wan_pipeline  diffusers' WanPipeline with the bidirectional teacher at its usual 30 CFG steps (--teacher;
                 with --preset, a random teacher of that preset): what a user would otherwise run
   engine[...]   the engine under each other sink policy (none / static / ema), block-sparse attention at 20%
-                density, linear memory, and both
+                density, linear memory, and both; at 2 denoising steps (steps=2); with --compile, with the
+                transformer blocks and the VAE decoder compiled by torch.compile (compile, compile+steps=2)
 Stages: text encode, each denoising forward (step_1 .. step_N) and the clean pass, VAE decode; then, on the
 engine's frames, JPEG and H.264 encode and websocket transport on loopback (benchmarks/stages.py).
 First-chunk latency is reported warm (after a warm-up pass, as a server would be) and cold (a fresh process).
@@ -75,12 +76,14 @@ def summarize(chunks_ms, stages, frames, seconds, first_ms):
 
 
 def stream_system(model, frames: int, recompute: bool, seed: int = 0, marks=(), score: bool = True,
-                  cache_cfg=None, first_runs: int = 5, delivery: bool = False) -> tuple[dict, dict]:
+                  cache_cfg=None, sampler_cfg=None, first_runs: int = 5, delivery: bool = False) -> tuple[dict, dict]:
     """Stream `frames` frames and time it; `marks` are frame counts at which to report the local FPS and the
     resident memory. With `score`, the result holds the oracle's adherence of the streamed video; with
     `delivery`, the JPEG / H.264 / websocket timings of its chunks (benchmarks/stages.py)."""
-    gen = VideoGenerator(model, recompute=recompute, cache_cfg=cache_cfg)
+    gen = VideoGenerator(model, recompute=recompute, cache_cfg=cache_cfg, sampler_cfg=sampler_cfg)
+    t_warm = time.perf_counter()
     gen.warmup()
+    t_warm = time.perf_counter() - t_warm
     timer = ForwardTimer(gen.stream, len(gen.stream.sampler_cfg.timesteps), lambda: _sync(gen.device))
     chunks_ms, stages, ends, video, rss = [], {}, [], [], {}
     t0 = time.perf_counter()
@@ -115,6 +118,8 @@ def stream_system(model, frames: int, recompute: bool, seed: int = 0, marks=(), 
         firsts.append((time.perf_counter() - t0) * 1000)
     out = summarize(chunks_ms, stages, frames, total, float(np.median(firsts)))
     out["first_frame_ms_runs"] = firsts
+    out["warmup_s"] = t_warm  # with --compile: the compilation
+    out["steps"] = len(gen.stream.sampler_cfg.timesteps)
     out["forward_ms"] = timer.summary()
     if delivery:
         out["delivery_ms"] = stages_delivery(video, model.preset.fps)
@@ -203,6 +208,31 @@ def engine_configs(base, model) -> dict:
     return out
 
 
+def variant_systems(preset, compiled: bool) -> list:
+    """(name, sampler config, compiled) of the engine's step-count and torch.compile variants."""
+    from engine.sampler import few_step_sampler
+
+    out = []
+    if len(preset.sampler.timesteps) > 2:
+        out.append(("engine[steps=2]", few_step_sampler(preset.sampler, 2), False))
+    if compiled:
+        out.append(("engine[compile]", None, True))
+        out += [(f"engine[compile+{n[7:-1]}]", s, True) for n, s, _ in out[:-1]]
+    return out
+
+
+def compile_engine(model, on: bool):
+    """Process-wide: compiled transformer blocks and VAE decoder (engine/accel.py), or back to eager."""
+    from engine import accel
+
+    if on:
+        accel.compile_blocks()
+        accel.compile_decoder(model.vae)
+    else:
+        accel.reset_compiled()
+        accel.reset_decoder(model.vae)
+
+
 def cold_first_chunk(model_arg, device, dtype) -> float:
     """First chunk in a fresh process, without warm-up (what a one-shot CLI user sees)."""
     code = ("import time,torch,sys;torch.set_num_threads(%d);from engine.folder import load_model_folder;"
@@ -215,14 +245,17 @@ def cold_first_chunk(model_arg, device, dtype) -> float:
 
 
 def table(results: dict) -> str:
-    rows = [("system", "fps", "x realtime", "first ms", "chunk p50", "chunk p95", "fps no decode", "oracle")]
+    rows = [("system", "fps", "x realtime", "x pipeline", "first ms", "chunk p50", "chunk p95", "fps no decode",
+             "oracle")]
     fps_rt = results["model"]["fps"]
+    wan_fps = results["systems"].get("wan_pipeline", {}).get("fps")
     skipped = []
     for name, r in results["systems"].items():
         if "skipped" in r:
             skipped.append(f"{name} skipped: {r['skipped']}")
             continue
-        rows.append((name, f"{r['fps']:.1f}", f"{r['fps'] / fps_rt:.2f}", f"{r['first_frame_ms']:.0f}",
+        rows.append((name, f"{r['fps']:.1f}", f"{r['fps'] / fps_rt:.2f}",
+                     f"{r['fps'] / wan_fps:.1f}" if wan_fps else "-", f"{r['first_frame_ms']:.0f}",
                      f"{r['chunk_ms']['p50']:.0f}", f"{r['chunk_ms']['p95']:.0f}", f"{r['fps_without_decode']:.1f}",
                      f"{r['oracle']:.3f}" if "oracle" in r else "-"))
     lines = [f"{row[0]:>26}  " + "  ".join(f"{c:>13}" for c in row[1:]) for row in rows] + skipped
@@ -335,6 +368,9 @@ def main(argv=None) -> int:
     p.add_argument("--teacher", default="assets/shapes-teacher",
                    help="teacher folder for the wan_pipeline baseline (ignored with --preset: a random teacher)")
     p.add_argument("--no-pipeline", action="store_true", help="skip the wan_pipeline baseline")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the engine with torch.compile (blocks and VAE decoder; needs a C++ compiler on "
+                        "the CPU; compilation is reported as warmup_s, not in the timings)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     dtype = getattr(torch, a.dtype)
@@ -378,6 +414,16 @@ def main(argv=None) -> int:
         r["cache"] = {k: getattr(cfg, k) for k in ("sink", "sink_frames", "window_frames", "sparse_topk",
                                                    "sparse_block", "linear_memory")}
         results["systems"][name] = r
+    for name, sampler_cfg, compiled in variant_systems(pr, a.compile):
+        print(f"{name} ...", file=sys.stderr)
+        if compiled:
+            compile_engine(model, True)
+        try:
+            results["systems"][name], _ = stream_system(model, frames, recompute=False, sampler_cfg=sampler_cfg,
+                                                        first_runs=3)
+        finally:
+            if compiled:
+                compile_engine(model, False)
     results["systems"]["wan_pipeline"] = pipeline_system(a, model, frames)
     colds = [cold_first_chunk(str(model.path), a.device, dtype) for _ in range(1 if a.quick else 3)]
     results["systems"]["engine"]["cold_first_chunk_ms"] = float(np.median(colds))

@@ -404,11 +404,13 @@ def _main(argv=None) -> int:
     p.add_argument("--dmd-chunks", type=int, default=d.dmd_chunks, help="the last this many chunks are scored")
     p.add_argument("--reward-beta", type=float, default=d.reward_beta, help="Re-DMD: weight rollouts by exp(beta r)")
     p.add_argument("--sparse-topk", type=float, metavar="F",
-                   help="Hybrid Forcing: block-sparse window attention keeping this fraction of key blocks")
+                   help="Hybrid Forcing: block-sparse window attention keeping this fraction of the window's key blocks")
     p.add_argument("--linear-memory", action="store_true",
                    help="Hybrid Forcing: fold evicted chunks into a linear-attention memory the generator reads")
     p.add_argument("--hybrid-from", type=int, default=0, metavar="STEP",
                    help="dense rollouts before this step, sparse / linear after it (the decoupled schedule)")
+    p.add_argument("--memory-lr-scale", type=float, default=1.0, metavar="F",
+                   help="--linear-memory: lr of the generator's zero-initialised memory projections = F x --lr")
     p.add_argument("--checkpoint-activations", action="store_true",
                    help="recompute each block's feed-forward and projections in the backward (memory at scale)")
     p.add_argument("--export", metavar="DIR", help="write the generator (EMA) as an engine model folder")
@@ -432,8 +434,12 @@ def _main(argv=None) -> int:
                     dmd_chunks=args.dmd_chunks, reward_beta=args.reward_beta)
     if args.sparse_topk is not None and not 0.0 < args.sparse_topk <= 1.0:
         p.error(f"--sparse-topk {args.sparse_topk}: must lie in (0, 1]")
+    if args.memory_lr_scale <= 0:
+        p.error(f"--memory-lr-scale {args.memory_lr_scale}: must be positive")
     hybrid = ({"sparse_topk": args.sparse_topk, "linear_memory": args.linear_memory, "from_step": args.hybrid_from}
               if args.sparse_topk is not None or args.linear_memory else None)
+    if hybrid is not None and args.linear_memory and args.memory_lr_scale != 1.0:
+        hybrid["memory_lr_scale"] = args.memory_lr_scale
     settings = {"student": args.student, "teacher": args.teacher, "sink": args.sink, "seed": args.seed,
                 "prompts": args.prompts, "hybrid": hybrid,
                 "dmd": dataclasses.asdict(dmd), "critic_lr_scale": args.critic_lr_scale}
@@ -455,10 +461,20 @@ def _main(argv=None) -> int:
         (out / "dmd.json").write_text(json.dumps(settings, indent=2) + "\n")
     cfg = dataclasses.replace(config_from_args(args), betas=(0.0, 0.999))
     Trainer(nets, task, cfg, out, device=device, resume=not args.no_resume, quiet=args.quiet,
-            groups={"generator.": 1.0, "critic.": settings["critic_lr_scale"]},
+            groups=param_groups(settings),
             ddp_kwargs={"find_unused_parameters": True}).run()
     return 0
 
+
+def param_groups(settings: dict) -> dict[str, float]:
+    """Trainer groups (name prefix or pattern -> lr scale; first match wins): the generator, its linear-memory
+    projections when they have their own lr (new, zero-initialised, and trained only after the switch), the critic."""
+    h = settings.get("hybrid") or {}
+    memory = {MEMORY_PARAMS: h["memory_lr_scale"]} if h.get("memory_lr_scale", 1.0) != 1.0 else {}
+    return {**memory, "generator.": 1.0, "critic.": settings["critic_lr_scale"]}
+
+
+MEMORY_PARAMS = "generator.*.mem_proj.*"
 
 main = one_line_errors(_main, "distill.self_forcing")
 

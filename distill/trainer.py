@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import fnmatch
 import hashlib
 import json
 import math
@@ -165,6 +166,10 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
+def _in_group(name: str, key: str) -> bool:
+    return name.startswith(key) or fnmatch.fnmatchcase(name, key)
+
+
 def load_weights(run_dir: str | Path, which: str = "ema") -> dict[str, torch.Tensor]:
     """Weights of the latest checkpoint of a run (or of a checkpoint folder); "ema" falls back to "model"."""
     if which not in ("ema", "model"):
@@ -196,9 +201,9 @@ class Trainer:
     """AdamW + lr schedule + grad accumulation + DDP + EMA + atomic checkpoints + jsonl log around a Task.
     The Task's loss gets the DDP wrapper when world > 1: call it (model(...)) so gradients are all-reduced.
     resume=False starts over in `out` (its log and later checkpoints are replaced).
-    groups: parameter-name prefix -> learning-rate multiplier, for a model that holds several networks (DMD's
-    generator and critic): each group gets its own lr and its own gradient clipping, and its grad norm is logged
-    as grad_norm_<prefix>. A parameter that gets no gradient in a step is left alone by AdamW (no decay either).
+    groups: parameter-name prefix (or fnmatch pattern) -> learning-rate multiplier, for a model that holds several
+    networks (DMD's generator and critic): each group gets its own lr and its own gradient clipping, and its grad
+    norm is logged as grad_norm_<key>. A parameter joins the first group it matches, in the dict's order. A parameter that gets no gradient in a step is left alone by AdamW (no decay either).
     cfg.fsdp (world > 1): FSDP2 instead of DDP, for models that do not fit one device. Each transformer block (each
     child of a ModuleList named `blocks`) is a unit and the model the root; the EMA is sharded alike. Checkpoints
     hold full tensors in the same files as without FSDP, so a run moves freely between the two."""
@@ -227,11 +232,11 @@ class Trainer:
         chosen = self.model.parameters() if params is None else params
         params = list({id(p): p for p in chosen if params is not None or p.requires_grad}.values())
         if groups:
-            unknown = [names.get(id(p), "") for p in params]
-            unknown = [n for n in unknown if not any(n.startswith(g) for g in groups)]
+            first = {id(p): next((g for g in groups if _in_group(names.get(id(p), ""), g)), None) for p in params}
+            unknown = [names.get(i, "") for i, g in first.items() if g is None]
             if unknown:
                 raise ValueError(f"Trainer groups {sorted(groups)} do not cover parameter {unknown[0]!r}")
-            parts = [(g, scale, [p for p in params if names.get(id(p), "").startswith(g)]) for g, scale in groups.items()]
+            parts = [(g, scale, [p for p in params if first[id(p)] == g]) for g, scale in groups.items()]
         else:
             parts = [("", 1.0, params)]
         self.clip_groups = [(g, ps) for g, _, ps in parts]

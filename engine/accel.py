@@ -89,6 +89,10 @@ def reset_decoder(vae):
     vae.vae.decoder._compiled_call_impl = None
 
 
+def decoder_compiled(vae) -> bool:
+    return getattr(vae.vae.decoder, "_compiled_call_impl", None) is not None
+
+
 def is_compiled() -> bool:
     stage = _model._STAGES["pre"]
     return stage is not _EAGER["pre"] and not getattr(stage, "checkpointed", False)

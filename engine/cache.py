@@ -21,9 +21,9 @@ Memory and per-chunk work are constant: the buffers are the only state, and the 
 S + W + C frames. Bookkeeping is plain Python ints (no host syncs).
 
 Hybrid Forcing's paths (CacheConfig; both off by default, which is exactly the dense path above):
-- `sparse_topk`: each query block (`sparse_block` tokens) attends only to the top fraction of key blocks by
-  pooled q.k score; the blocks holding the sink and the current chunk are always kept
-  (kernels/block_sparse.py; Triton on CUDA, a torch gather path on the CPU).
+- `sparse_topk`: each query block (`sparse_block` tokens) attends to the blocks holding the sink and the current
+  chunk, always, and to the top fraction of the window's key blocks by pooled q.k score (block-sparse attention
+  inside the window; kernels/block_sparse.py; Triton on CUDA, a torch gather path on the CPU).
 - `linear_memory`: every chunk that leaves the live context (evicted from the window and not taken into the
   sink) is folded into a per-layer, per-head state (sum phi(k) v^T, sum phi(k)) of un-roped keys;
   `memory_readout` gives each query its read-out, which the model adds to the softmax output through its
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Callable
 
 import torch
@@ -126,10 +127,15 @@ class KVCache:
         return attention(q, keys, values, self.block_table(q, keys))
 
     def block_table(self, q, keys):
-        """Block-sparse table for roped q [B, Lq, H, D] against the live keys [B, Lk, H, D]."""
+        """Block-sparse table for roped q [B, Lq, H, D] against the live keys [B, Lk, H, D]: the sink's and the
+        current chunk's key blocks, plus the top `sparse_topk` fraction (rounded up) of the window's blocks by
+        pooled q.k score. The fraction is of the window, not of all live keys: sink and chunk are half the live
+        keys of a typical cache (3 + 6 + 3 frames), so a fraction of all blocks would leave the window nothing."""
         bs, nq, nk = self.cfg.sparse_block, q.shape[1], keys.shape[1]
         keep = _kept_blocks(self.sink_frames * self.n, nq, nk, bs)  # sink + current chunk, on the CPU
-        return select_blocks(q.transpose(1, 2), keys.transpose(1, 2), bs, bs, float(self.cfg.sparse_topk), keep)
+        kept = int(keep.sum())
+        n = kept + math.ceil(self.cfg.sparse_topk * (keep.numel() - kept) - 1e-9)
+        return select_blocks(q.transpose(1, 2), keys.transpose(1, 2), bs, bs, n, keep)
 
     def memory_readout(self, layer: int, q):
         """Linear-memory read-out for the current chunk's un-roped q [B, Lq, H, D] -> [B, Lq, H, D] (q's dtype),

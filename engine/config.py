@@ -60,7 +60,8 @@ class CacheConfig:
     sink_frames: int = 3  # latent frames kept at the front of the context
     ema_alpha: float = 0.999  # ema sink: sink <- alpha * sink + (1 - alpha) * evicted
     # Hybrid Forcing's attention paths (off by default: the defaults are plain dense attention).
-    sparse_topk: float | None = None  # block-sparse attention: fraction of key blocks each query block sees
+    sparse_topk: float | None = None  # block-sparse attention: fraction of the window's key blocks each query
+    #                                   block sees, besides the sink's and its own chunk's (always kept)
     sparse_block: int = 64  # tokens per query / key block of the sparse path (Triton: a power of two >= 16)
     linear_memory: bool = False  # fold evicted chunks into a linear-attention state that every query reads
 

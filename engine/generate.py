@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FP8 weights in the transformer blocks (engine/fp8.py): half of bf16's memory; FP8 matmuls "
                         "on GPUs of compute capability 8.9+ with --dtype bfloat16")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the transformer blocks' tensor work (engine/accel.py; costs seconds at start)")
+                   help="torch.compile the transformer blocks' tensor work and the VAE decoder (engine/accel.py; "
+                        "costs seconds to a minute at start, cached by torch afterwards)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -113,9 +114,10 @@ def main(argv=None) -> int:
 
         quantize_fp8(model.transformer)
     if a.compile:
-        from .accel import compile_blocks
+        from .accel import compile_blocks, compile_decoder
 
         compile_blocks()
+        compile_decoder(model.vae)
     gen = VideoGenerator(model, cache_cfg=cache_cfg, sampler_cfg=sampler_cfg)
     gen.warmup()
     t_load = time.perf_counter() - t_load

@@ -31,6 +31,11 @@ class Chunk:
     timings_ms: dict = field(default_factory=dict)
 
 
+def steady_chunks(cache_cfg) -> int:
+    """Chunks a stream runs before every later chunk sees the same shapes: sink and window full, plus one."""
+    return -(-(cache_cfg.sink_frames + cache_cfg.window_frames) // cache_cfg.frames_per_chunk) + 2
+
+
 def _sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -63,10 +68,17 @@ class VideoGenerator:
         return self.m.text.encode([prompt])  # [1, Lt, text_dim]; umT5 keeps its own prompt cache
 
     @torch.no_grad()
-    def warmup(self):
-        """One throw-away pass through every stage, so one-time costs (allocator, kernel selection) are paid
-        at load time rather than in the first chunk. The stream is reset afterwards."""
-        for _ in self.run([(0, "")], 1, seed=0):
+    def warmup(self, steady: bool | None = None):
+        """A throw-away pass through every stage, so one-time costs (allocator, kernel selection, compilation)
+        are paid at load time rather than in the stream. One chunk, or with `steady` (default: when anything is
+        compiled, engine/accel.py) enough chunks to fill the sink and window, so that the steady-state shapes
+        (full cache, the decoder's whole-chunk calls) are compiled too. The stream is reset afterwards."""
+        from . import accel
+
+        if steady is None:
+            steady = accel.is_compiled() or accel.decoder_compiled(self.m.vae)
+        frames = self.frames_for_chunks(steady_chunks(self.stream.cache_cfg)) if steady else 1
+        for _ in self.run([(0, "")], frames, seed=0):
             pass
         self.stream.reset()
 

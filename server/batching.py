@@ -162,9 +162,13 @@ class EngineBackend:
                            pending=spec.prompt)
 
     def warmup(self):
-        """Two throw-away steps of two sessions, so one-time costs are paid before the first client."""
+        """Throw-away steps of two sessions, so one-time costs are paid before the first client: two steps, or
+        with compiled blocks (server --compile) enough to reach the steady-state shapes (full sink and window)."""
+        from engine import accel
+        from engine.pipeline import steady_chunks
+
         a, b = self.open(SessionSpec("", 0)), self.open(SessionSpec("", 1))
-        for _ in range(2):
+        for _ in range(steady_chunks(self.cache_cfg) if accel.is_compiled() else 2):
             for r in self.step([Work(a), Work(b)]):
                 if isinstance(r, BaseException):
                     raise r

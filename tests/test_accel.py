@@ -74,7 +74,13 @@ def tiny_folder_and_traced_compile(tmp_path, monkeypatch, restore_eager):
         calls.append(backend)
         real(backend="aot_eager")
 
+    def traced_decoder(vae, backend="inductor", mode=None):
+        calls.append(f"decoder:{backend}")
+        real_decoder(vae, backend="aot_eager")
+
+    real_decoder = accel.compile_decoder
     monkeypatch.setattr(accel, "compile_blocks", traced)
+    monkeypatch.setattr(accel, "compile_decoder", traced_decoder)
     return model, calls
 
 
@@ -92,7 +98,7 @@ def test_generate_compile_flag_compiles_and_gives_the_same_video(tmp_path, tiny_
                      "--device", "cpu", "--quiet", *extra]) == 0
         videos[name] = np.stack([np.asarray(Image.open(f)) for f in sorted(out.glob("*.png"))])
         accel.reset_compiled()
-    assert calls == ["inductor"]
+    assert calls == ["inductor", "decoder:inductor"]  # generate --compile compiles the blocks and the decoder
     assert videos["eager"].shape == (13, 32, 32, 3)
     assert np.abs(videos["eager"].astype(int) - videos["compiled"].astype(int)).max() <= 1
 
@@ -191,3 +197,39 @@ def test_gpu_benchmark_dry_run_fp8_system_quantizes_a_copy(tmp_path, restore_eag
     # eager ran after it on the original weights: the FP8 copy's latents differ from them, a little
     d = res["checks"]["fp8_vs_eager_clean_latents"]
     assert 0 < d["max"] < 0.5, d
+
+
+@pytest.mark.parametrize("sink", ["ema", "static", "none"])
+def test_steady_warmup_reaches_the_shapes_every_later_chunk_sees(sink):
+    """warmup(steady=True), what compiled runs get, streams until the cache layout stops changing: every chunk
+    after it sees the layout of its last chunk, so compilation happens in the warm-up, not in the stream."""
+    from engine.folder import load_model_folder
+    from engine.init_model import random_model_folder
+    from engine.pipeline import VideoGenerator, steady_chunks
+    from server.batching import phase
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        random_model_folder("tiny", d, seed=0, weights_dtype=torch.float32)
+        model = load_model_folder(d)
+    cfg = dataclasses.replace(model.preset.cache, sink=sink)
+    gen = VideoGenerator(model, cache_cfg=cfg)
+    layouts, real_sample = [], gen.stream.sample_chunk
+
+    def sample(*a, **k):
+        layouts.append(phase(gen.stream.cache))
+        return real_sample(*a, **k)
+
+    gen.stream.sample_chunk = sample
+    gen.warmup(steady=True)
+    n = steady_chunks(cfg)
+    assert len(layouts) == n and phase(gen.stream.cache)[:2] == (0, 0)  # and the stream is reset
+    warm = layouts[-1]
+    layouts.clear()
+    for _ in gen.run([(0, "a red circle")], gen.frames_for_chunks(n + 3)):
+        pass
+    assert layouts[n - 1:] == [warm] * 4, layouts  # from the warm-up's last chunk on, one layout
+    assert layouts[n - 3] != warm or sink == "none", layouts  # and not much longer than needed
+    gen.warmup()  # not compiled: one chunk
+    assert len(layouts) == n + 4

@@ -37,15 +37,31 @@ def test_wan_pipeline_baseline_is_the_teachers_sampler():
     assert np.abs(ref.astype(int) - video.astype(int)).max() <= 1
 
 
-def test_benchmark_run_on_tiny_writes_every_system(tmp_path, capsys):
+def test_benchmark_run_on_tiny_writes_every_system(tmp_path, capsys, monkeypatch):
     from benchmarks.__main__ import main
+    from engine import accel
 
+    compiled = []  # --compile, traced with aot_eager (inductor on a CPU costs minutes)
+    real_blocks, real_decoder = accel.compile_blocks, accel.compile_decoder
+    monkeypatch.setattr(accel, "compile_blocks", lambda: compiled.append("blocks") or real_blocks("aot_eager"))
+    monkeypatch.setattr(accel, "compile_decoder", lambda vae: compiled.append("vae") or real_decoder(vae, "aot_eager"))
     out = tmp_path / "r.json"
-    assert main(["--preset", "tiny", "--quick", "--seconds", "1", "3", "--json", str(out)]) == 0
+    try:
+        assert main(["--preset", "tiny", "--quick", "--seconds", "1", "3", "--json", str(out), "--compile"]) == 0
+    finally:
+        accel.reset_compiled()
+        torch._dynamo.reset()
     r = json.loads(out.read_text())
     configs = {"engine[sink=none]", "engine[sink=static]", "engine[sparse=0.2]", "engine[linear]",
-               "engine[sparse=0.2+linear]"}  # tiny's default sink is ema: that is `engine`
+               "engine[sparse=0.2+linear]",  # tiny's default sink is ema: that is `engine`
+               "engine[steps=2]", "engine[compile]", "engine[compile+steps=2]"}
     assert set(r["systems"]) == {"engine", "recompute", "wan_pipeline"} | configs
+    assert compiled == ["blocks", "vae"] * 2 and not accel.is_compiled()  # compiled for those two, then eager
+    assert r["model"]["steps"] == r["systems"]["engine"]["steps"] == r["systems"]["engine[compile]"]["steps"] > 2
+    assert r["systems"]["engine[steps=2]"]["steps"] == r["systems"]["engine[compile+steps=2]"]["steps"] == 2
+    assert list(r["systems"]["engine[steps=2]"]["forward_ms"]) == ["step_1", "step_2", "clean"]
+    # the same weights, noise and schedule: compiling changes the speed, not the video
+    assert abs(r["systems"]["engine[compile]"]["oracle"] - r["systems"]["engine"]["oracle"]) < 1e-3
     for name, s in r["systems"].items():
         for key in ("fps", "first_frame_ms", "chunk_ms", "stage_ms", "peak_memory_mb", "oracle"):
             assert key in s, (name, key)

@@ -139,8 +139,15 @@ def test_block_table_keeps_sink_and_current_chunk():
     blocks = t.block_mask()  # [B, H, 3, 15]
     assert t.nkb == 15 and t.nqb == 3
     assert blocks[..., :3].all() and blocks[..., -3:].all(), f"seed={seed}"  # sink (12 tokens), current chunk
-    assert t.kv_cnt.eq(6).all()  # max(ceil(0.25 * 15), 6 kept)
-    assert not blocks.all()
+    assert t.kv_cnt.eq(9).all()  # 6 kept + ceil(0.25 * the window's 9 blocks)
+    # the window's share goes to its best blocks by pooled score, per query block and head
+    from kernels.block_sparse import _pool_blocks
+
+    score = _pool_blocks(q.transpose(1, 2), 4) @ _pool_blocks(keys.transpose(1, 2), 4).transpose(-1, -2)
+    window = score[..., 3:12]
+    best = window.topk(3, dim=-1).indices + 3
+    assert torch.equal(blocks.gather(-1, best), torch.ones_like(best, dtype=torch.bool)), f"seed={seed}"
+    assert blocks[..., 3:12].sum(-1).eq(3).all()
 
 
 @pytest.mark.parametrize("policy", ["none", "static", "ema"])

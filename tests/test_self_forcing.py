@@ -326,3 +326,32 @@ def test_decoupled_switch_to_sparse_window_and_linear_memory(tmp_path):
     frames = np.concatenate([c.frames for c in VideoGenerator(m).run([(0, "a red circle bouncing on a black "
                                                                           "background")], 13, seed=0)])
     assert frames.shape == (13, 32, 32, 3)
+
+
+def test_memory_projections_get_their_own_lr_group(tmp_path):
+    """--memory-lr-scale: the generator's memory projections form the first group (first match wins), so they
+    are not also in the generator's; without the flag the groups are generator and critic only."""
+    from torch import nn
+
+    from distill.trainer import TrainConfig, Trainer
+
+    attn = nn.Module()
+    attn.to_q, attn.mem_proj = nn.Linear(3, 3), nn.Linear(3, 3)
+    block = nn.Module()
+    block.attn1 = attn
+    gen = nn.Module()
+    gen.blocks = nn.ModuleList([block])
+    model = nn.Module()
+    model.generator, model.critic = gen, nn.Linear(3, 3)
+    settings = {"critic_lr_scale": 0.5, "hybrid": {"linear_memory": True, "memory_lr_scale": 20.0}}
+    groups = sf.param_groups(settings)
+    assert list(groups) == [sf.MEMORY_PARAMS, "generator.", "critic."]
+    tr = Trainer(model, None, TrainConfig(steps=1, lr=1e-3), tmp_path, groups=groups, quiet=True)
+    scale = {n: g["lr_scale"] for g, names in zip(tr.optimizer.param_groups, tr.param_names) for n in names}
+    assert scale == {"generator.blocks.0.attn1.mem_proj.weight": 20.0, "generator.blocks.0.attn1.mem_proj.bias": 20.0,
+                     "generator.blocks.0.attn1.to_q.weight": 1.0, "generator.blocks.0.attn1.to_q.bias": 1.0,
+                     "critic.weight": 0.5, "critic.bias": 0.5}
+    assert sf.param_groups({"critic_lr_scale": 1.0, "hybrid": None}) == {"generator.": 1.0, "critic.": 1.0}
+    with pytest.raises(SystemExit) as e:
+        sf.main(["--out", str(tmp_path / "r"), "--memory-lr-scale", "0"])
+    assert e.value.code == 2
