@@ -240,7 +240,8 @@ def _main(argv=None) -> int:
     p.add_argument("--model", help="model folder for --eval (default: --export or assets/shapes)")
     p.add_argument("--stream-seconds", type=float, default=120.0)
     p.add_argument("--eval-sparse", type=float, metavar="F",
-                   help="--eval with block-sparse window attention keeping this fraction of the window's key blocks (e.g. 0.2)")
+                   help="--eval with block-sparse window attention keeping this fraction of the window's key "
+                        "blocks (e.g. 0.2)")
     args = p.parse_args(argv)
     if args.eval_sparse is not None and not 0.0 < args.eval_sparse <= 1.0:
         p.error(f"--eval-sparse {args.eval_sparse}: must lie in (0, 1]")

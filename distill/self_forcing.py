@@ -404,7 +404,8 @@ def _main(argv=None) -> int:
     p.add_argument("--dmd-chunks", type=int, default=d.dmd_chunks, help="the last this many chunks are scored")
     p.add_argument("--reward-beta", type=float, default=d.reward_beta, help="Re-DMD: weight rollouts by exp(beta r)")
     p.add_argument("--sparse-topk", type=float, metavar="F",
-                   help="Hybrid Forcing: block-sparse window attention keeping this fraction of the window's key blocks")
+                   help="Hybrid Forcing: block-sparse window attention keeping this fraction of the window's key "
+                        "blocks (the sink's and the current chunk's are always kept)")
     p.add_argument("--linear-memory", action="store_true",
                    help="Hybrid Forcing: fold evicted chunks into a linear-attention memory the generator reads")
     p.add_argument("--hybrid-from", type=int, default=0, metavar="STEP",
@@ -466,15 +467,15 @@ def _main(argv=None) -> int:
     return 0
 
 
+MEMORY_PARAMS = "generator.*.mem_proj.*"  # the generator's linear-memory projections (enable_linear_memory)
+
+
 def param_groups(settings: dict) -> dict[str, float]:
     """Trainer groups (name prefix or pattern -> lr scale; first match wins): the generator, its linear-memory
     projections when they have their own lr (new, zero-initialised, and trained only after the switch), the critic."""
     h = settings.get("hybrid") or {}
     memory = {MEMORY_PARAMS: h["memory_lr_scale"]} if h.get("memory_lr_scale", 1.0) != 1.0 else {}
     return {**memory, "generator.": 1.0, "critic.": settings["critic_lr_scale"]}
-
-
-MEMORY_PARAMS = "generator.*.mem_proj.*"
 
 main = one_line_errors(_main, "distill.self_forcing")
 

@@ -203,7 +203,8 @@ class Trainer:
     resume=False starts over in `out` (its log and later checkpoints are replaced).
     groups: parameter-name prefix (or fnmatch pattern) -> learning-rate multiplier, for a model that holds several
     networks (DMD's generator and critic): each group gets its own lr and its own gradient clipping, and its grad
-    norm is logged as grad_norm_<key>. A parameter joins the first group it matches, in the dict's order. A parameter that gets no gradient in a step is left alone by AdamW (no decay either).
+    norm is logged as grad_norm_<key>. A parameter joins the first group it matches, in the dict's order. A
+    parameter that gets no gradient in a step is left alone by AdamW (no decay either).
     cfg.fsdp (world > 1): FSDP2 instead of DDP, for models that do not fit one device. Each transformer block (each
     child of a ModuleList named `blocks`) is a unit and the model the root; the EMA is sharded alike. Checkpoints
     hold full tensors in the same files as without FSDP, so a run moves freely between the two."""
