@@ -212,12 +212,12 @@ def variant_systems(preset, compiled: bool) -> list:
     """(name, sampler config, compiled) of the engine's step-count and torch.compile variants."""
     from engine.sampler import few_step_sampler
 
-    out = []
+    samplers = {"": None}
     if len(preset.sampler.timesteps) > 2:
-        out.append(("engine[steps=2]", few_step_sampler(preset.sampler, 2), False))
+        samplers["steps=2"] = few_step_sampler(preset.sampler, 2)
+    out = [(f"engine[{label}]", s, False) for label, s in samplers.items() if label]
     if compiled:
-        out.append(("engine[compile]", None, True))
-        out += [(f"engine[compile+{n[7:-1]}]", s, True) for n, s, _ in out[:-1]]
+        out += [(f"engine[{'+'.join(filter(None, ('compile', label)))}]", s, True) for label, s in samplers.items()]
     return out
 
 
