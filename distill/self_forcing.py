@@ -25,9 +25,11 @@ Hybrid Forcing's decoupled schedule: with `--sparse-topk` and / or `--linear-mem
 generator's zero-initialised memory projections exist from the start, unused (no gradient) until the switch, so
 the optimizer, checkpoints and resume see one set of parameters; the export carries the hybrid cache settings.
 
-Adam betas are (0, 0.999), and the weights keep an EMA; it counts trainer steps, critic-only ones included. Exact
-resume, accumulation, torchrun and the logs come from distill/trainer.py. In log.jsonl, `dmd` is 0 on critic-only
-steps and `gen` is 1 on generator steps, so dmd / gen is the mean DMD loss of generator steps.
+Adam betas are (0, 0.999), and the generator's weights keep an EMA (the critic's would never be used); it counts
+trainer steps, critic-only ones included. Exact resume, accumulation, torchrun and the logs come from
+distill/trainer.py; with `--fsdp` the generator, critic, their optimizer state, the EMA and the frozen teacher are
+all sharded over the ranks. In log.jsonl, `dmd` is 0 on critic-only steps and `gen` is 1 on generator steps, so
+dmd / gen is the mean DMD loss of generator steps.
 """
 
 from __future__ import annotations
@@ -179,7 +181,8 @@ def reward_weights(r: torch.Tensor, beta: float) -> torch.Tensor:
 class DMDNets(nn.Module):
     """The two networks DMD trains, as one module so the Trainer (checkpoints, EMA, DDP) sees both: `generator`
     (the causal student) and `critic` (the fake score: bidirectional, started from the teacher). The frozen teacher
-    and the VAE are held outside the module's state: not trained, saved or averaged. forward() is one step's loss."""
+    and the VAE are held outside the module's state: not trained, saved or averaged (the Trainer moves the teacher
+    to the device, or shards it under FSDP: its `frozen`). forward() is one step's loss."""
 
     def __init__(self, generator: CausalWanModel, critic: CausalWanModel, teacher: CausalWanModel, cfg: DMDConfig,
                  cache_cfg: CacheConfig, sampler_cfg: SamplerConfig, latent_hw: tuple[int, int], vae=None,
@@ -300,12 +303,38 @@ def run_caches(preset, settings: dict) -> tuple[CacheConfig, CacheConfig | None]
     return dense, preset.replace(cache=dense).sparse_cache(h["sparse_topk"], h["linear_memory"])
 
 
-def _as_causal(transformer, cfg) -> CausalWanModel:
-    """A diffusers WanTransformer3DModel (or a CausalWanModel) as a float32 CausalWanModel with the same weights:
-    the bidirectional mode of the engine's model equals diffusers' (tests/test_model.py), and is leaner."""
+def _as_causal(transformer) -> CausalWanModel:
+    """A diffusers WanTransformer3DModel (or a CausalWanModel) as a float32 CausalWanModel with the same weights and
+    its own config: the bidirectional mode of the engine's model equals diffusers' (tests/test_model.py), and is
+    leaner."""
+    from engine.folder import transformer_config
+
+    cfg = transformer.cfg if isinstance(transformer, CausalWanModel) else \
+        transformer_config(dict(transformer.config), Path("transformer/config.json"))
     m = CausalWanModel(cfg)
     m.load_state_dict(transformer.state_dict(), strict=True)
     return m.float()
+
+
+def _check_scores(student: CausalWanModel, nets: dict[str, CausalWanModel], teacher_text, critic_text,
+                  critic: str | None):
+    """The teacher and the critic may be any size (a 14B teacher, a 1.3B critic), but they score the student's
+    latents, and the critic reads the teacher's prompt embeddings."""
+    s = student.cfg
+    for name, m in nets.items():
+        if (m.cfg.in_channels, m.cfg.out_channels) != (s.in_channels, s.out_channels):
+            raise ValueError(f"the {name} takes {m.cfg.in_channels} latent channels and the student "
+                             f"{s.in_channels}: they must share the VAE's latent space")
+        if m.cfg.text_dim != nets["teacher"].cfg.text_dim:
+            raise ValueError(f"the {name} reads {m.cfg.text_dim}-wide prompt embeddings, the teacher's text encoder "
+                             f"gives {nets['teacher'].cfg.text_dim}")
+    if critic is not None:
+        probe = ["a red circle moving left on a black background"]
+        with torch.no_grad():
+            a, b = teacher_text.encode(probe), critic_text.encode(probe)
+        if a.shape != b.shape or not torch.allclose(a.float(), b.float().to(a.device), atol=1e-4):
+            raise ValueError(f"--critic {critic}: its text encoder is not the teacher's (the critic reads the "
+                             "teacher's prompt embeddings)")
 
 
 def load_real_score(path: str, preset) -> tuple[nn.Module, object]:
@@ -346,14 +375,19 @@ def build(settings: dict, device) -> tuple[DMDNets, DMDTask, object]:
         raise ValueError("--reward-beta: the motion reward is the Shapes oracle's, which needs Shapes prompts "
                          "(leave out --prompts)")
     cache_cfg, hybrid_cfg = run_caches(preset, settings)
-    teacher_net = _as_causal(teacher, preset.model)
-    critic = _as_causal(teacher, preset.model).requires_grad_(True)
+    critic_from, critic_text = (teacher, teacher_text) if not settings.get("critic") else \
+        load_real_score(settings["critic"], preset)
+    teacher_net = _as_causal(teacher)
+    critic = _as_causal(critic_from).requires_grad_(True)
+    del teacher, critic_from  # the float32 copies above are the ones used
     generator = student.transformer.float().requires_grad_(True).train()
+    _check_scores(generator, {"teacher": teacher_net, "critic": critic}, teacher_text, critic_text,
+                  settings.get("critic"))
     if hybrid_cfg is not None and hybrid_cfg.linear_memory:
         generator.enable_linear_memory()  # zero-initialised from the start: unused (no gradient) until the switch
     if cfg.reward_beta:
         student.vae.vae.to(device)
-    nets = DMDNets(generator, critic, teacher_net.to(device), cfg, cache_cfg, preset.sampler, preset.latent_hw,
+    nets = DMDNets(generator, critic, teacher_net, cfg, cache_cfg, preset.sampler, preset.latent_hw,
                    vae=student.vae if cfg.reward_beta else None, hybrid_cache_cfg=hybrid_cfg)
     task = DMDTask(student.text, teacher_text, cfg.ttur, seed=settings.get("seed", 0),
                    hybrid_from=settings["hybrid"]["from_step"] if settings.get("hybrid") else None)
@@ -391,6 +425,9 @@ def _main(argv=None) -> int:
                    help="the student to start from, an engine model folder (make assets: the ODE student)")
     p.add_argument("--teacher", default="assets/shapes-teacher",
                    help="the real score: a Shapes teacher folder or run, or any model folder --model loads")
+    p.add_argument("--critic", metavar="DIR",
+                   help="start the critic (fake score) from this model instead of the teacher, e.g. the 1.3B base "
+                        "beside a 14B teacher, as Self-Forcing does; its text encoder must be the teacher's")
     p.add_argument("--prompts", metavar="FILE", help="train on these prompts, one a line (default: random Shapes "
                                                        "prompts)")
     p.add_argument("--sink", choices=("none", "static", "ema"), help="sink policy in training and in the export "
@@ -441,8 +478,8 @@ def _main(argv=None) -> int:
               if args.sparse_topk is not None or args.linear_memory else None)
     if hybrid is not None and args.linear_memory and args.memory_lr_scale != 1.0:
         hybrid["memory_lr_scale"] = args.memory_lr_scale
-    settings = {"student": args.student, "teacher": args.teacher, "sink": args.sink, "seed": args.seed,
-                "prompts": args.prompts, "hybrid": hybrid,
+    settings = {"student": args.student, "teacher": args.teacher, **({"critic": args.critic} if args.critic else {}),
+                "sink": args.sink, "seed": args.seed, "prompts": args.prompts, "hybrid": hybrid,
                 "dmd": dataclasses.asdict(dmd), "critic_lr_scale": args.critic_lr_scale}
     if (out / "dmd.json").is_file() and not args.no_resume:  # a resume keeps the run's own settings
         old = json.loads((out / "dmd.json").read_text())
@@ -461,10 +498,28 @@ def _main(argv=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "dmd.json").write_text(json.dumps(settings, indent=2) + "\n")
     cfg = dataclasses.replace(config_from_args(args), betas=(0.0, 0.999))
-    Trainer(nets, task, cfg, out, device=device, resume=not args.no_resume, quiet=args.quiet,
-            groups=param_groups(settings),
-            ddp_kwargs={"find_unused_parameters": True}).run()
+    # the EMA follows the generator only (the export reads it; a critic's average is never used), and the frozen
+    # teacher is moved to the device by the Trainer, or sharded over the ranks with --fsdp
+    trainer = Trainer(nets, task, cfg, out, device=device, resume=not args.no_resume, quiet=args.quiet,
+                      groups=param_groups(settings), ddp_kwargs={"find_unused_parameters": True},
+                      ema_of="generator", frozen=(nets.frozen["teacher"],))
+    if trainer.fsdp and not args.quiet and rank == 0:
+        sys.stderr.write(f"distill.self_forcing: FSDP over {world} processes: {sharding(nets)}\n")
+    trainer.run()
     return 0
+
+
+def sharding(nets: DMDNets) -> str:
+    """What this rank holds of the generator, the critic and the frozen teacher: 'generator 50% of 1,234,567
+    parameters, ...' (FSDP splits each tensor on dim 0, so about 1 / world each)."""
+    from .trainer import _local
+
+    def held(name, m):
+        mine, total = sum(_local(p).numel() for p in m.parameters()), sum(p.numel() for p in m.parameters())
+        return f"{name} {mine / total:.0%} of {total:,} parameters"
+
+    return ", ".join(held(n, m) for n, m in [("generator", nets.generator), ("critic", nets.critic),
+                                              ("teacher", nets.frozen["teacher"])]) + " on each rank"
 
 
 MEMORY_PARAMS = "generator.*.mem_proj.*"  # the generator's linear-memory projections (enable_linear_memory)

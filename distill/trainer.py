@@ -142,8 +142,12 @@ def _read(path: Path) -> Any:
         raise RuntimeError(f"corrupt or unreadable checkpoint file {path}: {_oneline(e)}") from None
 
 
-def _load_into(module: nn.Module, path: Path):
+def _load_into(module: nn.Module, path: Path, prefix: str = ""):
+    """The file's tensors into module; with a prefix only the keys under it, stripped (an EMA of a submodule; an
+    older file's EMA of the whole model reads the same way)."""
     tensors = _read(path)[0]
+    if prefix:
+        tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     try:
         module.load_state_dict(tensors)
     except RuntimeError as e:
@@ -205,6 +209,12 @@ class Trainer:
     networks (DMD's generator and critic): each group gets its own lr and its own gradient clipping, and its grad
     norm is logged as grad_norm_<key>. A parameter joins the first group it matches, in the dict's order. A
     parameter that gets no gradient in a step is left alone by AdamW (no decay either).
+    ema_of: the name of the submodule the EMA averages (DMD's "generator": the critic's average is never used, and
+    at scale it costs as much memory as the generator's); None averages the whole model. ema.safetensors keeps the
+    model's key names ("generator.blocks.0...."), so a run's weights and its EMA read alike.
+    frozen: modules the loss uses but nothing trains (DMD's teacher), not part of the model's state: moved to the
+    device, or under FSDP sharded like the model (each rank holds 1 / world of them, gathered a block at a time),
+    so that a teacher larger than one device's memory fits.
     cfg.fsdp (world > 1): FSDP2 instead of DDP, for models that do not fit one device. Each transformer block (each
     child of a ModuleList named `blocks`) is a unit and the model the root; the EMA is sharded alike. Checkpoints
     hold full tensors in the same files as without FSDP, so a run moves freely between the two."""
@@ -212,22 +222,28 @@ class Trainer:
     def __init__(self, model: nn.Module, task: Task, cfg: TrainConfig, out: str | Path, *, params=None,
                  device: str | torch.device = "cpu", resume: bool = True, quiet: bool = False,
                  on_step: Callable[[Trainer], None] | None = None, ddp_kwargs: dict | None = None,
-                 groups: dict[str, float] | None = None):
+                 groups: dict[str, float] | None = None, ema_of: str | None = None,
+                 frozen: tuple[nn.Module, ...] = ()):
         self.task, self.cfg, self.out, self.quiet, self.on_step = task, cfg, Path(out), quiet, on_step
         self.device = torch.device(device)
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         self.model = model.to(self.device)
-        self.ema = None
+        self.fsdp = cfg.fsdp and self.world > 1
+        self.ema, self.ema_prefix = None, f"{ema_of}." if ema_of else ""
         if cfg.ema_decay is not None:  # fp32 so that tiny (1 - decay) updates are not rounded away in bf16
-            self.ema = copy.deepcopy(self.model).float().requires_grad_(False).eval()
+            self.ema = copy.deepcopy(self._averaged()).float().requires_grad_(False).eval()
         ckpt = latest_checkpoint(self.out) if resume else None
         if ckpt is not None:  # full tensors, before any sharding
             self._load_weights(ckpt)
-        self.fsdp = cfg.fsdp and self.world > 1
         if self.fsdp:
             for m in (self.model, self.ema):
                 if m is not None:
                     _shard(m)
+            for m in frozen:  # every rank loaded the same file: nothing to broadcast
+                _shard(m.requires_grad_(False), broadcast=False)
+        else:
+            for m in frozen:
+                m.to(self.device)
 
         names = {id(p): n for n, p in self.model.named_parameters()}
         chosen = self.model.parameters() if params is None else params
@@ -278,7 +294,7 @@ class Trainer:
         _load_into(self.model, ckpt / "model.safetensors")
         if self.ema is not None:  # EMA switched on mid-run: start it from the weights
             ema = ckpt / "ema.safetensors"
-            _load_into(self.ema, ema if ema.exists() else ckpt / "model.safetensors")
+            _load_into(self.ema, ema if ema.exists() else ckpt / "model.safetensors", self.ema_prefix)
 
     def _load_state(self, ckpt: Path):
         """Optimizer state, step, time and log sums (after the optimizer exists; the weights came first)."""
@@ -348,14 +364,14 @@ class Trainer:
         """(model, EMA, optimizer state keyed by flat parameter index) as full tensors. With FSDP a collective:
         every rank calls it, rank 0 gets the tensors."""
         if not self.fsdp:
-            return (self.model.state_dict(), self.ema.state_dict() if self.ema is not None else None,
+            return (self.model.state_dict(), self._prefixed(self.ema.state_dict()) if self.ema is not None else None,
                     self.optimizer.state_dict()["state"])
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                              get_optimizer_state_dict)
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model = get_model_state_dict(self.model, options=opts)
-        ema = get_model_state_dict(self.ema, options=opts) if self.ema is not None else None
+        ema = self._prefixed(get_model_state_dict(self.ema, options=opts)) if self.ema is not None else None
         index = {n: i for i, n in enumerate(n for g in self.param_names for n in g)}
         opt = get_optimizer_state_dict(self.model, self.optimizer, options=opts).get("state", {})  # rank 0 only
         return model, ema, {index[n]: st for n, st in opt.items()}
@@ -395,13 +411,21 @@ class Trainer:
             shutil.rmtree(d, ignore_errors=True)
 
     # -------------------------------------------------------------------------------------- training
+    def _averaged(self) -> nn.Module:
+        """The module the EMA follows: the model, or its submodule `ema_of`."""
+        return self.model.get_submodule(self.ema_prefix[:-1]) if self.ema_prefix else self.model
+
+    def _prefixed(self, sd: dict) -> dict:
+        return {self.ema_prefix + k: v for k, v in sd.items()}
+
     @torch.no_grad()
     def _update_ema(self):
         # one foreach call, not a kernel per tensor (a GPU step of a small model is launch-bound)
-        # with FSDP both are sharded alike: each rank averages its own shards
+        # with FSDP both are sharded alike (FSDP2 splits each tensor on dim 0): each rank averages its own shards
+        src = self._averaged()
         torch._foreach_lerp_([_local(p) for p in self.ema.parameters()],
-                             [_local(p).float() for p in self.model.parameters()], 1.0 - self.cfg.ema_decay)
-        for e, b in zip(self.ema.buffers(), self.model.buffers()):
+                             [_local(p).float() for p in src.parameters()], 1.0 - self.cfg.ema_decay)
+        for e, b in zip(self.ema.buffers(), src.buffers()):
             e.copy_(b)
 
     def _micro_batch(self, model: nn.Module, s: int, m: int) -> dict[str, float]:
@@ -494,14 +518,15 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def _shard(model: nn.Module):
+def _shard(model: nn.Module, broadcast: bool = True):
     """FSDP2: every child of a ModuleList named `blocks` (transformer blocks) is a unit, the model the root; a unit's
-    `fsdp_forward_methods` gather it like forward() does. Rank 0's weights are broadcast first, so every rank
-    shards the same tensors (as DDP's start does)."""
+    `fsdp_forward_methods` gather it like forward() does. Rank 0's weights are broadcast first (unless every rank
+    loaded the same file), so every rank shards the same tensors (as DDP's start does). A module still on the CPU
+    moves to the device unit by unit as it is sharded: a whole copy never needs to fit there."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     with torch.no_grad():
-        for t in [*model.parameters(), *model.buffers()]:
+        for t in [*model.parameters(), *model.buffers()] if broadcast else []:
             dist.broadcast(t.data, 0)
     for name, m in model.named_modules():
         if isinstance(m, nn.ModuleList) and name.split(".")[-1] == "blocks":
@@ -510,6 +535,8 @@ def _shard(model: nn.Module):
                 for method in getattr(blk, "fsdp_forward_methods", ()):  # e.g. Block.text_kv
                     register_fsdp_forward_method(blk, method)
     fully_shard(model)
+    for method in getattr(model, "fsdp_forward_methods", ()):  # a model used on its own: CausalWanModel.text_kv
+        register_fsdp_forward_method(model, method)
 
 
 # ------------------------------------------------------------------------------------------------ CLI

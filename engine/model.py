@@ -178,6 +178,8 @@ _STAGES = {"pre": block_pre, "post": block_post}  # engine.accel.compile_blocks 
 
 
 class CausalWanModel(nn.Module):
+    fsdp_forward_methods = ("text_kv",)  # a sharded teacher's text_kv is called on its own: FSDP gathers for it
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import random
+import re
 
 import numpy as np
 import pytest
@@ -267,19 +268,67 @@ def test_torchrun_two_processes_match_grad_accum(tmp_path, fsdp):
               "--steps", "4"]
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")} | {"OMP_NUM_THREADS": "1"}
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "distill.self_forcing", *common,
-                           "--out", str(tmp_path / "ddp"), "--grad-accum", "1", *(["--fsdp"] if fsdp else [])], env=env, capture_output=True,
+    loud = [a for a in common if a != "--quiet"]  # FSDP reports what each rank holds
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "distill.self_forcing",
+                           *(loud if fsdp else common), "--out", str(tmp_path / "ddp"), "--grad-accum", "1",
+                           *(["--fsdp"] if fsdp else [])], env=env, capture_output=True,
                           text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr[-3000:]
+    if fsdp:  # every network is split over the 2 ranks, the frozen teacher too
+        held = dict(re.findall(r"(generator|critic|teacher) (\d+)% of", proc.stderr))
+        assert sorted(held) == ["critic", "generator", "teacher"], proc.stderr[-2000:]
+        assert all(45 <= int(v) <= 55 for v in held.values()), held
     assert sf.main(common + ["--out", str(tmp_path / "one"), "--grad-accum", "2"]) == 0
     one, ddp = _log(tmp_path / "one"), _log(tmp_path / "ddp")
     assert [r["gen"] for r in ddp] == [1.0, 0.0, 1.0, 0.0]
     for key in ("loss", "critic", "dmd"):
         torch.testing.assert_close(torch.tensor([r[key] for r in ddp]), torch.tensor([r[key] for r in one]),
                                    rtol=1e-4, atol=1e-6, msg=key)
-    a, b = load_weights(tmp_path / "one", "model"), load_weights(tmp_path / "ddp", "model")
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+    for which in ("model", "ema"):
+        a, b = load_weights(tmp_path / "one", which), load_weights(tmp_path / "ddp", which)
+        assert sorted(a) == sorted(b)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=f"{which} {k}")
+    assert all(k.startswith("generator.") for k in a)  # the EMA is the generator's only
+
+
+def test_a_larger_teacher_with_a_student_sized_critic(tmp_path, capsys):
+    """Self-Forcing's 14B setting in small: the teacher wider and deeper than the student, the critic started from
+    another model (here the student's own folder). A critic with another text encoder, or a teacher in another
+    latent space, is refused in one line."""
+    from diffusers import WanTransformer3DModel
+
+    from distill.train_teacher import export_teacher
+    from distill.trainer import load_weights
+    from engine.folder import load_model_folder, save_model_folder
+
+    student, _ = _tiny_folders(tmp_path)
+    preset = get_preset("tiny")
+    text = ShapesTextEncoder(ShapesTextConfig.fixed_code(dim=preset.model.text_dim))
+    for name, change in [("big", {"num_attention_heads": 3, "num_layers": 3, "ffn_dim": 96}),
+                         ("other-latents", {"in_channels": 6, "out_channels": 6})]:
+        kw = preset.model.diffusers_kwargs() | change
+        export_teacher(Teacher(_randomise(WanTransformer3DModel(**kw), 2, 0.1), text), tmp_path / name, preset="tiny")
+    common = ["--student", str(student), "--batch-size", "1", "--ttur", "1", "--rollout-chunks", "2",
+              "--dmd-chunks", "2", "--quiet", "--steps", "1"]
+    assert sf.main(common + ["--teacher", str(tmp_path / "big"), "--critic", str(student),
+                             "--out", str(tmp_path / "run")]) == 0
+    weights = load_weights(tmp_path / "run", "model")
+    critic = {k.removeprefix("critic."): v.shape for k, v in weights.items() if k.startswith("critic.")}
+    assert critic == {k: v.shape for k, v in load_model_folder(student).transformer.state_dict().items()}
+    assert json.loads((tmp_path / "run/dmd.json").read_text())["critic"] == str(student)
+    # without --critic the critic is the teacher's size
+    assert sf.main(common + ["--teacher", str(tmp_path / "big"), "--out", str(tmp_path / "run2")]) == 0
+    assert load_weights(tmp_path / "run2", "model")["critic.blocks.2.attn1.to_q.weight"].shape == (36, 36)
+
+    assert sf.main(common + ["--teacher", str(tmp_path / "other-latents"), "--out", str(tmp_path / "r3")]) == 2
+    assert "takes 6 latent channels and the student 4" in capsys.readouterr().err
+    m = load_model_folder(student)
+    learned = ShapesTextEncoder(ShapesTextConfig(dim=preset.model.text_dim, num_layers=1, num_heads=2))
+    save_model_folder(tmp_path / "other-text", preset, m.transformer, m.vae, learned, placeholder=False)
+    assert sf.main(common + ["--teacher", str(tmp_path / "big"), "--critic", str(tmp_path / "other-text"),
+                             "--out", str(tmp_path / "r4")]) == 2
+    assert "its text encoder is not the teacher's" in capsys.readouterr().err
 
 
 def test_any_model_folder_as_teacher_and_a_prompt_file(tmp_path, capsys):

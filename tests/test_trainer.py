@@ -141,6 +141,40 @@ def test_ema_is_the_hand_computed_average(tmp_path, one_thread):
         assert torch.equal(load_weights(tmp_path, "model")[k], seen[-1][k])
 
 
+def test_ema_of_a_submodule_keeps_the_model_key_names(tmp_path, one_thread):
+    """ema_of="0": the EMA averages only the first layer (DMD's generator, not its critic), saved under the
+    model's names; a resume reads it back, and an older whole-model EMA file reads the same way."""
+    def trainer(steps, out=tmp_path / "run"):
+        return Trainer(toy.make_model(0), toy.ToyTask(), TrainConfig(steps=steps, batch_size=4, ema_decay=0.8),
+                       out, quiet=True, ema_of="0")
+
+    init = toy.make_model(0)[0].state_dict()
+    seen = []
+    t = trainer(3)
+    t.on_step = lambda t: seen.append({k: v.clone() for k, v in t.model[0].state_dict().items()})
+    t.run()
+    ema = load_weights(tmp_path / "run")
+    assert sorted(ema) == ["0.bias", "0.weight"]  # nothing of layers 2 and 4
+    for k, e in init.items():
+        for w in seen:
+            e = 0.8 * e + 0.2 * w[k]
+        torch.testing.assert_close(ema["0." + k], e, rtol=1e-6, atol=1e-7)
+    # resume: 3 + 2 steps equal 5 in one go, EMA included
+    full = trainer(5, tmp_path / "full")
+    full.run()
+    resumed = trainer(5)
+    resumed.run()
+    for k, v in full.ema.state_dict().items():
+        assert torch.equal(resumed.ema.state_dict()[k], v), k
+    # a checkpoint whose EMA covers the whole model (written before ema_of existed) still resumes
+    from safetensors.torch import save_file
+
+    ck = tmp_path / "full/checkpoints/step_000005"
+    save_file({k: v.contiguous() for k, v in load_weights(ck, "model").items()}, ck / "ema.safetensors")
+    old = trainer(6, tmp_path / "full")
+    assert torch.equal(old.ema.state_dict()["weight"], old.model[0].weight.detach())
+
+
 def test_max_minutes_stops_with_a_checkpoint_and_resume_goes_on_exactly(tmp_path, one_thread):
     args = ["--steps", "7", "--ckpt-every", "5", "--log-every", "3", "--ema", "0.9", "--quiet"]
     toy.main([*args, "--out", str(tmp_path / "full")])
