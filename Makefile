@@ -42,6 +42,8 @@ test: $(STAMP)
 #    the teacher's text code and evaluated through the streaming engine (50 prompts and a 2-minute stream).
 # 5. Self-forcing DMD from it against the teacher (400 steps, EMA sink, rollouts of 3 or 6 chunks), exported into
 #    assets/shapes and evaluated (50 prompts and two 2-minute streams).
+# 6. The preview decoder (engine/preview.py) on the VAE's latents, exported into assets/shapes/preview and evaluated
+#    beside the VAE's own decoder (held-out PSNR, oracle, a 2-minute streaming decode, ms a frame).
 SHAPES_DESCRIPTION := Shapes model under construction: random transformer and text encoder (seed 0) until the last steps below replace them
 T2 := --preset shapes-t2
 assets: $(STAMP)
@@ -69,6 +71,8 @@ assets: $(STAMP)
 	$(BIN)/python -m distill.ode_init $(T2) --teacher runs/teacher-t2d --vae assets/shapes/vae --out runs/ode-t2 --export runs/ode-t2-model --eval 50
 	$(BIN)/python -m distill.self_forcing --student runs/ode-t2-model --teacher assets/shapes-teacher --out runs/dmd --steps 400 --batch-size 8 --lr 5e-5 --rollout-chunks 3 6
 	$(BIN)/python -m distill.self_forcing --out runs/dmd --export assets/shapes --eval 50
+	$(BIN)/python -m distill.train_preview --vae assets/shapes/vae --out runs/preview-shapes --steps 800
+	$(BIN)/python -m distill.train_preview --out runs/preview-shapes --export assets/shapes/preview
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

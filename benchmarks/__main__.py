@@ -10,8 +10,10 @@ Systems (same model, resolution, frame count, seed), each with the oracle's adhe
   wan_pipeline  diffusers' WanPipeline with the bidirectional teacher at its usual 30 CFG steps (--teacher;
                 with --preset, a random teacher of that preset): what a user would otherwise run
   engine[...]   the engine under each other sink policy (none / static / ema), block-sparse attention at 20%
-                density, linear memory, and both; at 2 denoising steps (steps=2); with --compile, with the
-                transformer blocks and the VAE decoder compiled by torch.compile (compile, compile+steps=2)
+                density, linear memory, and both; at 2 denoising steps (steps=2); decoded by the model's fast
+                preview decoder (preview, preview+steps=2: engine/preview.py, when the model has one); with
+                --compile, with the transformer blocks and the VAE decoder compiled by torch.compile (compile,
+                compile+steps=2, compile+preview+steps=2)
 Stages: text encode, each denoising forward (step_1 .. step_N) and the clean pass, VAE decode; then, on the
 engine's frames, JPEG and H.264 encode and websocket transport on loopback (benchmarks/stages.py).
 First-chunk latency is reported warm (after a warm-up pass, as a server would be) and cold (a fresh process).
@@ -76,11 +78,12 @@ def summarize(chunks_ms, stages, frames, seconds, first_ms):
 
 
 def stream_system(model, frames: int, recompute: bool, seed: int = 0, marks=(), score: bool = True,
-                  cache_cfg=None, sampler_cfg=None, first_runs: int = 5, delivery: bool = False) -> tuple[dict, dict]:
+                  cache_cfg=None, sampler_cfg=None, first_runs: int = 5, delivery: bool = False,
+                  preview: bool = False) -> tuple[dict, dict]:
     """Stream `frames` frames and time it; `marks` are frame counts at which to report the local FPS and the
     resident memory. With `score`, the result holds the oracle's adherence of the streamed video; with
     `delivery`, the JPEG / H.264 / websocket timings of its chunks (benchmarks/stages.py)."""
-    gen = VideoGenerator(model, recompute=recompute, cache_cfg=cache_cfg, sampler_cfg=sampler_cfg)
+    gen = VideoGenerator(model, recompute=recompute, cache_cfg=cache_cfg, sampler_cfg=sampler_cfg, preview=preview)
     t_warm = time.perf_counter()
     gen.warmup()
     t_warm = time.perf_counter() - t_warm
@@ -208,26 +211,38 @@ def engine_configs(base, model) -> dict:
     return out
 
 
-def variant_systems(preset, compiled: bool) -> list:
-    """(name, sampler config, compiled) of the engine's step-count and torch.compile variants."""
+def variant_systems(preset, compiled: bool, preview: bool = False) -> list:
+    """(name, sampler config, compiled, preview decoder) of the engine's step-count, preview-decoder and
+    torch.compile variants."""
     from engine.sampler import few_step_sampler
 
     samplers = {"": None}
     if len(preset.sampler.timesteps) > 2:
         samplers["steps=2"] = few_step_sampler(preset.sampler, 2)
-    out = [(f"engine[{label}]", s, False) for label, s in samplers.items() if label]
+    fastest = list(samplers)[-1]
+
+    def name(*opts):
+        return f"engine[{'+'.join(filter(None, opts))}]"
+
+    out = [(name(label), s, False, False) for label, s in samplers.items() if label]
+    if preview:
+        out += [(name("preview", label), s, False, True) for label, s in samplers.items()]
     if compiled:
-        out += [(f"engine[{'+'.join(filter(None, ('compile', label)))}]", s, True) for label, s in samplers.items()]
+        out += [(name("compile", label), s, True, False) for label, s in samplers.items()]
+        if preview:
+            out.append((name("compile", "preview", fastest), samplers[fastest], True, True))
     return out
 
 
-def compile_engine(model, on: bool):
-    """Process-wide: compiled transformer blocks and VAE decoder (engine/accel.py), or back to eager."""
+def compile_engine(model, on: bool, decoder: bool = True):
+    """Process-wide: compiled transformer blocks and (with `decoder`) VAE decoder (engine/accel.py), or back to
+    eager."""
     from engine import accel
 
     if on:
         accel.compile_blocks()
-        accel.compile_decoder(model.vae)
+        if decoder:
+            accel.compile_decoder(model.vae)
     else:
         accel.reset_compiled()
         accel.reset_decoder(model.vae)
@@ -384,6 +399,11 @@ def main(argv=None) -> int:
             random_model_folder(a.preset, model_arg, weights_dtype=torch.float32)
         except ValueError as e:
             p.error(str(e))
+        from engine.config import get_preset
+        from engine.preview import PreviewConfig, PreviewDecoder
+
+        torch.manual_seed(0)  # and a random preview decoder: its speed does not depend on its weights either
+        PreviewDecoder(PreviewConfig.for_vae(get_preset(a.preset).vae)).save(Path(model_arg) / "preview")
     try:
         model = load_model_folder(model_arg, device=a.device, dtype=dtype)
     except ModelLoadError as e:
@@ -396,6 +416,7 @@ def main(argv=None) -> int:
         "device": device_info(a.device, dtype),
         "model": {"preset": pr.name, "path": str(model.path), "placeholder": bool(model.info.get("placeholder")),
                   "parameters": n_params, "resolution": [pr.width, pr.height], "fps": pr.fps,
+                  "preview_parameters": sum(x.numel() for x in model.preview.parameters()) if model.preview else None,
                   "frames_per_chunk": pr.cache.frames_per_chunk, "latent_frames_per_chunk": pr.cache.frames_per_chunk,
                   "video_frames_per_chunk": pr.cache.frames_per_chunk * model.vae.temporal,
                   "steps": len(pr.sampler.timesteps), "window_frames": pr.cache.window_frames,
@@ -414,13 +435,13 @@ def main(argv=None) -> int:
         r["cache"] = {k: getattr(cfg, k) for k in ("sink", "sink_frames", "window_frames", "sparse_topk",
                                                    "sparse_block", "linear_memory")}
         results["systems"][name] = r
-    for name, sampler_cfg, compiled in variant_systems(pr, a.compile):
+    for name, sampler_cfg, compiled, preview in variant_systems(pr, a.compile, model.preview is not None):
         print(f"{name} ...", file=sys.stderr)
         if compiled:
-            compile_engine(model, True)
+            compile_engine(model, True, decoder=not preview)
         try:
             results["systems"][name], _ = stream_system(model, frames, recompute=False, sampler_cfg=sampler_cfg,
-                                                        first_runs=3)
+                                                        first_runs=3, preview=preview)
         finally:
             if compiled:
                 compile_engine(model, False)

@@ -19,6 +19,7 @@ measured from a fresh stream. A system is `engine` (eager, dense SDPA) or `engin
     fpc3      the streaming decoder takes 3 latent frames per call instead of 1
     sparse    block-sparse window attention at 20% (Triton) + linear memory
     fp8       FP8 weights in the blocks (engine/fp8.py: torch._scaled_mm on compute capability 8.9+), on a copy
+    preview   decode with the preview decoder (engine/preview.py) at taew2_1's widths instead of the Wan VAE
 Reported per system: fps (decode included), fps without decode, first-frame latency (warm), per-chunk p50/p95,
 stage means, one steady-state forward (CUDA events), peak GPU memory; the eager system's cold first chunk (the
 first call in the process) and each system's warm-up time (compilation, capture). Checks, each system against
@@ -49,6 +50,7 @@ from engine import accel
 from engine.config import get_preset
 from engine.model import CausalWanModel
 from engine.pipeline import VideoGenerator, _sync
+from engine.preview import PreviewConfig, PreviewDecoder
 from engine.vae import VideoVAE
 
 
@@ -199,8 +201,10 @@ def conv_format(vae: VideoVAE, fmt):
             mod.weight.data = mod.weight.data.to(memory_format=fmt)
 
 
-def decode_bench(vae: VideoVAE, preset, device: str, variants: list[str], backend: str, reps: int = 6) -> dict:
-    """The streaming decode alone: ms per chunk (3 latent frames -> 12 frames) in steady state, per variant."""
+def decode_bench(vae: VideoVAE, preset, device: str, variants: list[str], backend: str, preview=None,
+                 reps: int = 6) -> dict:
+    """The streaming decode alone: ms per chunk (3 latent frames -> 12 frames) in steady state, per variant
+    ("preview": the preview decoder instead of the VAE's)."""
     h, w = preset.latent_hw
     C = preset.cache.frames_per_chunk
     z = torch.randn(1, vae.z_dim, C * (reps + 2), h, w, generator=torch.Generator().manual_seed(3))
@@ -214,7 +218,7 @@ def decode_bench(vae: VideoVAE, preset, device: str, variants: list[str], backen
                 accel.compile_decoder(vae, backend=backend)
             if name == "channels_last":
                 conv_format(vae, torch.channels_last_3d)
-            dec = vae.stream(3 if name == "fpc3" else 1)
+            dec = preview.stream() if name == "preview" else vae.stream(3 if name == "fpc3" else 1)
             times, frames = [], []
             t_first = time.perf_counter()
             for i in range(reps + 2):
@@ -224,11 +228,12 @@ def decode_bench(vae: VideoVAE, preset, device: str, variants: list[str], backen
                 _sync(device)
                 times.append((time.perf_counter() - t0) * 1000)
             video = torch.cat(frames, 2).float()
-            if ref is None:
+            if ref is None and name != "preview":
                 ref = video
             out[name] = {"ms_per_chunk": statistics.median(times[2:]), "first_two_chunks_ms": times[:2],
-                         "warm_s": time.perf_counter() - t_first,
-                         "max_abs_diff_vs_first_variant": (video - ref).abs().max().item()}
+                         "warm_s": time.perf_counter() - t_first,  # the preview is another decoder: no diff
+                         "max_abs_diff_vs_first_variant": None if name == "preview" or ref is None
+                         else (video - ref).abs().max().item()}
             print(f"  {out[name]['ms_per_chunk']:.1f} ms per chunk", file=sys.stderr, flush=True)
         except Exception as e:
             out[name] = {"error": f"{type(e).__name__}: {e}"[:1000]}
@@ -245,10 +250,11 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--preset", default="wan2.1-1.3b")
     p.add_argument("--seconds", type=float, default=10.0, help="stream length per system (default 10)")
-    p.add_argument("--systems", nargs="+", default=["engine", "graphs", "compile", "compile+graphs", "sparse"],
+    p.add_argument("--systems", nargs="+", default=["engine", "graphs", "compile", "compile+graphs", "sparse",
+                                                         "compile+preview"],
                    help="engine, or options joined by + (see the module doc)")
-    p.add_argument("--decode-variants", nargs="*", default=["eager", "fpc3", "channels_last", "compile"],
-                   help="VAE decoder variants timed alone first (none: skip)")
+    p.add_argument("--decode-variants", nargs="*", default=["eager", "fpc3", "channels_last", "compile", "preview"],
+                   help="VAE decoder variants timed alone first (none: skip); preview: the preview decoder")
     p.add_argument("--vae-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--git-sha", help="the commit measured (default: this checkout's; a device copy has no .git)")
     p.add_argument("--dry-run", action="store_true", help="tiny preset on the CPU, fp32 (checks the script)")
@@ -270,7 +276,10 @@ def main(argv=None) -> int:
     vae = VideoVAE.from_config(preset.vae)
     vae.vae.to(device, vae_dtype)
     emb = (torch.randn(1, 512, preset.model.text_dim, generator=torch.Generator().manual_seed(2)) * 0.1).to(device)
-    m = SimpleNamespace(transformer=model, preset=preset, vae=vae, text=FixedText(emb))
+    # the preview decoder at TAEHV's taew2_1 widths (random weights: its speed does not depend on them)
+    preview = PreviewDecoder(PreviewConfig.for_vae(preset.vae, channels=(256, 128, 64, 64), blocks=3))
+    preview = preview.to(device, vae_dtype).eval().requires_grad_(False)
+    m = SimpleNamespace(transformer=model, preset=preset, vae=vae, text=FixedText(emb), preview=preview)
     init_s = time.perf_counter() - t0
     frames = int(a.seconds * preset.fps)
     res = {
@@ -301,7 +310,7 @@ def main(argv=None) -> int:
             a.json.write_text(json.dumps(res, indent=2) + "\n")
 
     sparse_cfg = preset.sparse_cache(0.2, linear_memory=True)
-    known = {"graphs", "compile", "cudnn", "flash", "vae", "fpc3", "sparse", "fp8"}
+    known = {"graphs", "compile", "cudnn", "flash", "vae", "fpc3", "sparse", "fp8", "preview"}
     for name in a.systems:
         if {"cudnn", "flash"} <= set(name.split("+")):
             p.error(f"--systems {name}: cudnn and flash are two orders of one preference, pick one")
@@ -311,7 +320,7 @@ def main(argv=None) -> int:
             p.error(f"--systems {name}: unknown option(s) {', '.join(sorted(bad))}; expected engine or "
                     f"{'+'.join(sorted(known))}")
     if a.decode_variants:
-        res["decode_ms_per_chunk"] = decode_bench(vae, preset, device, a.decode_variants, compile_backend)
+        res["decode_ms_per_chunk"] = decode_bench(vae, preset, device, a.decode_variants, compile_backend, preview)
         write()
     cleans = {}
     for name in a.systems:
@@ -336,7 +345,7 @@ def main(argv=None) -> int:
                 ms = SimpleNamespace(**{**vars(m), "transformer": copy.deepcopy(model)})
                 r_fp8 = {"fp8_linears": quantize_fp8(ms.transformer), "fp8_mode": resolve_mode("auto", device)}
             gen = VideoGenerator(ms, cache_cfg=cache_cfg, cuda_graphs="graphs" in opts,
-                                 decoder_frames_per_call=3 if "fpc3" in opts else 1)
+                                 decoder_frames_per_call=3 if "fpc3" in opts else 1, preview="preview" in opts)
             with sdpa_order(("cudnn" if "cudnn" in opts else "flash" if "flash" in opts else None)
                             if device == "cuda" else None):
                 if device == "cuda":

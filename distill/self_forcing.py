@@ -410,6 +410,7 @@ def export(run: Path, out: Path) -> Path:
                         strict=True)
     ckpt = run if (run / "state.json").exists() else latest_checkpoint(run)
     save_model_folder(out, preset, gen, student.vae, student.text, weights_dtype=torch.float16, placeholder=False,
+                      preview=student.preview,
                       description=f"Shapes student: self-forcing DMD from {settings['student']} against the teacher "
                                   f"{settings['teacher']} ({ckpt.name} of {run}, EMA weights; sink {preset.cache.sink}, "
                                   f"Re-DMD beta {settings['dmd']['reward_beta']})")

@@ -16,6 +16,7 @@ and one line on stderr; the output folder is written atomically (nothing is left
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 import time
@@ -46,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "present, except under a LoRA, which was trained on 'generator')")
     p.add_argument("--dtype", default="keep", choices=DTYPES,
                    help="storage dtype of the transformer weights (default: as in the source)")
+    p.add_argument("--preview", metavar="FILE",
+                   help="also write a fast preview decoder into the folder (preview/, used by --preview): TAEHV's "
+                        "weights for these latents (taew2_1.safetensors or .pth for Wan2.1) or a preview folder")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
@@ -77,6 +81,14 @@ def main(argv=None) -> int:
             sys.stderr.flush()
 
     dtype = None if a.dtype == "keep" else getattr(torch, a.dtype)
+    preview = None
+    if a.preview:  # read before the conversion: a bad file costs nothing
+        from .preview import load_preview
+
+        try:
+            preview = load_preview(a.preview)
+        except ModelLoadError as e:
+            parser.error(f"--preview: {e}")
     try:
         out = convert(a.src, a.out, layout=a.layout, base=a.base, lora=a.lora, lora_alpha=a.lora_alpha,
                       weights=a.weights, dtype=dtype, overwrite=a.overwrite, progress=progress)
@@ -84,6 +96,13 @@ def main(argv=None) -> int:
         parser.error(str(e))
     except OSError as e:  # e.g. --out not writable, disk full
         parser.error(f"--out {a.out}: {e.strerror or e}")
+    if preview is not None:
+        z = json.loads((Path(out) / "vae" / "config.json").read_text())["z_dim"]
+        if preview.cfg.z_dim != z:
+            parser.error(f"--preview {a.preview}: it reads {preview.cfg.z_dim} latent channels, the VAE makes {z} "
+                         f"({out} was written without it)")
+        preview.save(Path(out) / "preview", dtype=dtype)
+        progress(f"preview decoder: {a.preview} -> {Path(out) / 'preview'}")
     print(out)
     return 0
 

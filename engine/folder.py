@@ -5,6 +5,7 @@
     <folder>/transformer/diffusion_pytorch_model.safetensors
     <folder>/vae/config.json + diffusion_pytorch_model.safetensors      (AutoencoderKLWan)
     <folder>/text_encoder/config.json + weights                          (engine/text.py)
+    <folder>/preview/config.json + model.safetensors    optional fast preview decoder (engine/preview.py)
 
 The transformer and VAE sub-folders are diffusers' own layout, so `WanTransformer3DModel.from_pretrained`
 reads ours and a teacher saved by diffusers loads as a student. Weights are safetensors only.
@@ -26,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig, Preset, preset_from_dict, to_dict
 from .model import CausalWanModel
+from .preview import PreviewDecoder
 from .text import TextEncoder, load_text_encoder
 from .vae import VideoVAE
 
@@ -47,6 +49,7 @@ class LoadedModel:
     vae: VideoVAE
     text: TextEncoder
     info: dict
+    preview: PreviewDecoder | None = None  # the optional fast decoder (engine/preview.py)
 
     @property
     def name(self) -> str:
@@ -158,12 +161,14 @@ def load_transformer(folder: Path, device="cpu", dtype=torch.float32) -> CausalW
 
 
 def save_model_folder(path, preset: Preset, transformer: CausalWanModel, vae: VideoVAE, text, *,
-                      weights_dtype=None, **info):
+                      weights_dtype=None, preview: PreviewDecoder | None = None, **info):
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     save_transformer(transformer, path / "transformer", weights_dtype)
     vae.save(path / "vae")
     text.save(path / "text_encoder")
+    if preview is not None:
+        preview.save(path / "preview")
     meta = {"format": FORMAT, "version": 1, "name": path.name, **info, "preset": to_dict(preset)}
     (path / "engine.json").write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -211,4 +216,5 @@ def load_model_folder(model: str | Path | None = None, device="cpu", dtype=torch
                                  **({"offload": True} if offload else {}))
     except (OSError, ValueError) as e:
         raise ModelLoadError(str(e).splitlines()[0]) from None
-    return LoadedModel(path, preset, transformer, vae, text, info)
+    preview = PreviewDecoder.from_folder(path / "preview", device, dtype) if (path / "preview").is_dir() else None
+    return LoadedModel(path, preset, transformer, vae, text, info, preview)

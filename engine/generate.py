@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the transformer blocks' tensor work and the VAE decoder (engine/accel.py; "
                         "costs seconds to a minute at start, cached by torch afterwards)")
+    p.add_argument("--preview", nargs="?", const="", metavar="FILE",
+                   help="decode with the fast preview decoder (engine/preview.py): the model's own (preview/), or "
+                        "FILE, a preview folder or TAEHV weights such as taew2_1.safetensors for Wan2.1 latents")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -72,7 +75,7 @@ def main(argv=None) -> int:
     import torch  # heavy imports after argument checks, so `--help` and bad flags answer at once
 
     from .folder import ModelLoadError, load_model_folder
-    from .pipeline import VideoGenerator
+    from .pipeline import VideoGenerator, check_preview
     from .sampler import few_step_sampler
     from .video_io import open_writer
 
@@ -89,6 +92,18 @@ def main(argv=None) -> int:
     except ModelLoadError as e:
         parser.error(f"--model: {e}")
     preset = model.preset
+    if a.preview:
+        from .preview import load_preview
+
+        try:
+            model.preview = load_preview(a.preview, device=device, dtype=dtype)
+        except ModelLoadError as e:
+            parser.error(f"--preview: {e}")
+    if a.preview is not None:
+        try:
+            check_preview(model)
+        except ValueError as e:
+            parser.error(f"--preview: {e}")
     overrides = {k: v for k, v in (("sink", a.sink), ("window_frames", a.window)) if v is not None}
     try:
         cache_cfg = replace(preset.cache, **overrides)
@@ -117,8 +132,9 @@ def main(argv=None) -> int:
         from .accel import compile_blocks, compile_decoder
 
         compile_blocks()
-        compile_decoder(model.vae)
-    gen = VideoGenerator(model, cache_cfg=cache_cfg, sampler_cfg=sampler_cfg)
+        if a.preview is None:  # the preview decoder is cheap as it is
+            compile_decoder(model.vae)
+    gen = VideoGenerator(model, cache_cfg=cache_cfg, sampler_cfg=sampler_cfg, preview=a.preview is not None)
     gen.warmup()
     t_load = time.perf_counter() - t_load
     prompts = list(zip([0] + a.switch_at, a.prompt))

@@ -41,9 +41,22 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def check_preview(model: LoadedModel):
+    """A ValueError unless the model has a preview decoder that reads its VAE's latents at its VAE's scale."""
+    pv, vae = model.preview, model.vae
+    if pv is None:
+        raise ValueError(f"{model.name} has no preview decoder ({model.path / 'preview'}): give one, e.g. "
+                         "--preview taew2_1.safetensors for Wan2.1 latents")
+    have = (pv.cfg.z_dim, pv.cfg.spatial, pv.cfg.temporal)
+    if have != (vae.z_dim, vae.spatial, vae.temporal):
+        raise ValueError(f"the preview decoder reads {have[0]} channels at x{have[1]} space and x{have[2]} time, "
+                         f"the VAE {vae.z_dim} at x{vae.spatial} and x{vae.temporal}")
+
+
 class VideoGenerator:
     def __init__(self, model: LoadedModel, *, cache_cfg=None, sampler_cfg=None, recompute=False, decode=True,
-                 cuda_graphs=False, decoder_frames_per_call=1):
+                 cuda_graphs=False, decoder_frames_per_call=1, preview=False):
+        """preview: decode with the model's fast preview decoder (engine/preview.py) instead of the VAE's."""
         self.m = model
         self.preset = model.preset
         self.device = model.transformer.proj_out.weight.device
@@ -51,6 +64,10 @@ class VideoGenerator:
                              recompute=recompute, cuda_graphs=cuda_graphs)
         self.decode = decode
         self.decoder_frames_per_call = decoder_frames_per_call  # engine/vae.py StreamingDecoder
+        self.decoder = model.vae
+        if preview:
+            check_preview(model)
+            self.decoder = model.preview
 
     @property
     def fps(self) -> int:
@@ -87,7 +104,7 @@ class VideoGenerator:
         first chunk that starts at or after its frame. num_frames None = forever. Yields decoded chunks."""
         gen = torch.Generator().manual_seed(seed)
         self.stream.reset()
-        decoder = self.m.vae.stream(self.decoder_frames_per_call)
+        decoder = self.decoder.stream(self.decoder_frames_per_call)
         frame, index, pending, current, last = 0, 0, list(prompts), None, None
         while num_frames is None or frame < num_frames:
             t = {}

@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the transformer blocks' tensor work (engine/accel.py): faster forwards on a "
                         "GPU, seconds to minutes of compilation before the server listens")
+    p.add_argument("--preview", nargs="?", const="", metavar="FILE",
+                   help="decode with the fast preview decoder, as for engine.generate: the model's own, or FILE")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -70,6 +72,13 @@ def engine_backend(a: argparse.Namespace, parser: argparse.ArgumentParser):
         model = load_model_folder(a.model, device=device, dtype=getattr(torch, a.dtype))
     except ModelLoadError as e:
         parser.error(f"--model: {e}")
+    if a.preview:
+        from engine.preview import load_preview
+
+        try:
+            model.preview = load_preview(a.preview, device=device, dtype=getattr(torch, a.dtype))
+        except ModelLoadError as e:
+            parser.error(f"--preview: {e}")
     if a.fp8:
         from engine.fp8 import quantize_fp8
 
@@ -78,7 +87,10 @@ def engine_backend(a: argparse.Namespace, parser: argparse.ArgumentParser):
         from engine import accel
 
         accel.compile_blocks()  # global: every session's forward goes through the compiled block halves
-    backend = EngineBackend(model)
+    try:
+        backend = EngineBackend(model, preview=a.preview is not None)
+    except ValueError as e:
+        parser.error(f"--preview: {e}")
     if not a.no_warmup:
         backend.warmup()  # with --compile this is where compilation happens, before the first client
     return backend
@@ -117,6 +129,8 @@ def main(argv=None) -> int:
         parser.error("--compile needs a model: it cannot go with --stub")
     if a.stub and a.fp8:
         parser.error("--fp8 needs a model: it cannot go with --stub")
+    if a.stub and a.preview is not None:
+        parser.error("--preview needs a model: it cannot go with --stub")
     if a.token is not None and not a.token.strip():
         parser.error("--token must not be empty")
     for o in a.allowed_origin:

@@ -8,7 +8,7 @@ K/V, its clean-latent history for re-caching), a `StreamingDecoder` and a seeded
     context  clean pass of the previous chunk (t = 0) -> committed to each session's cache   [batched]
     text     prompt switch: encode, re-cache the context under it                          [per session]
     denoise  the few-step sampler from each session's own noise                              [batched]
-    decode   streaming VAE decode, each session through its own decoder state                [batched]
+    decode   streaming VAE decode (or the preview decoder's), each session with its own state  [batched]
 
 Batched stages run one forward over the sessions that share a *phase* (the same live-context layout for
 the transformer, the same decoder-cache layout for the VAE). In steady state every session is in the same
@@ -35,6 +35,7 @@ import torch
 from engine.attention import apply_rope, attention, rope_range
 from engine.cache import KVCache
 from engine.folder import LoadedModel
+from engine.preview import StreamingPreview
 from engine.sampler import sample
 from engine.stream import Stream
 from engine.vae import StreamingDecoder
@@ -88,14 +89,18 @@ def phase(cache: KVCache) -> tuple:
     return cache.sink_frames, cache.window_frames, getattr(cache, "memory_chunks", 0) > 0
 
 
-def decoder_phase(dec: StreamingDecoder) -> tuple:
+def decoder_phase(dec: StreamingDecoder | StreamingPreview) -> tuple:
     """The layout of a streaming decoder's per-conv caches (None, a marker string, or a tensor's shape)."""
+    if isinstance(dec, StreamingPreview):
+        return dec.phase()
     sig = tuple(None if e is None else e if isinstance(e, str) else tuple(e.shape[1:]) for e in dec._feat)
     return (dec.latent_frames == 0, sig)
 
 
 def merge_decoders(decs: list[StreamingDecoder]) -> StreamingDecoder:
     """One decoder whose caches are the given decoders' caches stacked along batch (same decoder_phase)."""
+    if isinstance(decs[0], StreamingPreview):
+        return StreamingPreview.merge(decs)
     merged = decs[0].v.stream()
     merged.latent_frames = decs[0].latent_frames
     feats = []
@@ -108,6 +113,8 @@ def merge_decoders(decs: list[StreamingDecoder]) -> StreamingDecoder:
 
 def split_decoder(merged: StreamingDecoder, decs: list[StreamingDecoder]):
     """Write a merged decoder's caches back into the per-session decoders (each its own copy)."""
+    if isinstance(merged, StreamingPreview):
+        return merged.split(decs)
     for i, d in enumerate(decs):
         d._feat = [e if e is None or isinstance(e, str) else e[i:i + 1].clone() for e in merged._feat]
         d.latent_frames = merged.latent_frames
@@ -141,8 +148,15 @@ def _sync(device):
 class EngineBackend:
     """The real model behind the server; `max_batch` is enforced by the scheduler (it picks the sessions)."""
 
-    def __init__(self, model: LoadedModel, *, cache_cfg=None, sampler_cfg=None):
+    def __init__(self, model: LoadedModel, *, cache_cfg=None, sampler_cfg=None, preview: bool = False):
+        """preview: decode with the model's preview decoder (engine/preview.py) instead of the VAE's."""
         self.m = model
+        self.decoder = model.vae
+        if preview:
+            from engine.pipeline import check_preview
+
+            check_preview(model)
+            self.decoder = model.preview
         self.preset = model.preset
         self.model = model.transformer
         self.device = model.transformer.proj_out.weight.device
@@ -158,7 +172,7 @@ class EngineBackend:
 
     def open(self, spec: SessionSpec) -> EngineState:
         stream = Stream(self.model, self.preset, cache_cfg=self.cache_cfg, sampler_cfg=self.sampler_cfg)
-        return EngineState(stream, self.m.vae.stream(), torch.Generator().manual_seed(spec.seed),
+        return EngineState(stream, self.decoder.stream(), torch.Generator().manual_seed(spec.seed),
                            pending=spec.prompt)
 
     def warmup(self):

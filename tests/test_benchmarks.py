@@ -54,9 +54,14 @@ def test_benchmark_run_on_tiny_writes_every_system(tmp_path, capsys, monkeypatch
     r = json.loads(out.read_text())
     configs = {"engine[sink=none]", "engine[sink=static]", "engine[sparse=0.2]", "engine[linear]",
                "engine[sparse=0.2+linear]",  # tiny's default sink is ema: that is `engine`
-               "engine[steps=2]", "engine[compile]", "engine[compile+steps=2]"}
+               "engine[steps=2]", "engine[compile]", "engine[compile+steps=2]",
+               "engine[preview]", "engine[preview+steps=2]", "engine[compile+preview+steps=2]"}
     assert set(r["systems"]) == {"engine", "recompute", "wan_pipeline"} | configs
-    assert compiled == ["blocks", "vae"] * 2 and not accel.is_compiled()  # compiled for those two, then eager
+    # compiled for those three (the VAE's decoder only where it decodes), then eager
+    assert compiled == ["blocks", "vae"] * 2 + ["blocks"] and not accel.is_compiled()
+    assert r["model"]["preview_parameters"] > 0
+    assert r["systems"]["engine[preview+steps=2]"]["steps"] == r["systems"]["engine[compile+preview+steps=2]"]["steps"] == 2
+    assert r["systems"]["engine[preview]"]["stage_ms"]["decode"] > 0
     assert r["model"]["steps"] == r["systems"]["engine"]["steps"] == r["systems"]["engine[compile]"]["steps"] > 2
     assert r["systems"]["engine[steps=2]"]["steps"] == r["systems"]["engine[compile+steps=2]"]["steps"] == 2
     assert list(r["systems"]["engine[steps=2]"]["forward_ms"]) == ["step_1", "step_2", "clean"]

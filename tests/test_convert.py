@@ -99,6 +99,28 @@ def test_wan_original_folder(small, small_wan, tmp_path, capsys):
     assert engine_json(out)["notes"] == ck.BIDIRECTIONAL_NOTE
 
 
+def test_preview_decoder_goes_into_the_folder(small, small_wan, tmp_path, capsys):
+    """--preview FILE: TAEHV-layout weights (a .pth, read with weights_only) are written as the folder's preview/,
+    which --model then loads; weights for other latents are refused and the folder is kept without them."""
+    from engine.preview import PreviewConfig, PreviewDecoder
+
+    out, _ = convert_ok(capsys, small_wan, "--out", tmp_path / "plain")
+    z = json.loads((out / "vae" / "config.json").read_text())["z_dim"]
+    torch.save(PreviewDecoder(PreviewConfig(z_dim=z, channels=(8, 8, 4, 4))).state_dict(),
+               tmp_path / "taew.pth")
+    out, err = convert_ok(capsys, small_wan, "--out", tmp_path / "wan", "--preview", tmp_path / "taew.pth")
+    assert "preview decoder:" in err
+    pv = load_model_folder(out).preview
+    assert pv is not None and pv.cfg == PreviewConfig(z_dim=z, channels=(8, 8, 4, 4))
+    torch.save(PreviewDecoder(PreviewConfig(z_dim=z + 1, channels=(8, 8, 4, 4))).state_dict(),
+               tmp_path / "other.pth")
+    rc, _, err = cli([small_wan, "--out", tmp_path / "w2", "--preview", tmp_path / "other.pth"], capsys)
+    assert rc == 2 and f"reads {z + 1} latent channels, the VAE makes {z}" in err
+    assert load_model_folder(tmp_path / "w2").preview is None
+    rc, _, err = cli([small_wan, "--out", tmp_path / "w3", "--preview", tmp_path / "none.pth"], capsys)
+    assert rc == 2 and "none.pth" in err and not (tmp_path / "w3").exists()
+
+
 def test_diffusers_folder_shards_become_one_file(small, tmp_path, capsys):
     src = write_diffusers_folder(small, tmp_path / "src", shard="6MB")
     assert len(list((src / "transformer").glob("diffusion_pytorch_model-*"))) > 1

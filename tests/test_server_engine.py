@@ -129,6 +129,37 @@ def test_sessions_joining_later_run_in_their_phase_and_still_match(model):
     close_frames(np.concatenate(fl), solo(model, [(0, PROMPTS[1])], 5, 1))
 
 
+def test_preview_decoder_sessions_batch_and_match_video_generator(tmp_path):
+    """server --preview: sessions decode through the preview decoder, batched once their phases agree, and each
+    gets what VideoGenerator(preview=True) gives it alone."""
+    from engine.preview import PreviewConfig, PreviewDecoder
+
+    path = tmp_path / "tiny"
+    random_model_folder("tiny", path, seed=0, weights_dtype=torch.float32)
+    with pytest.raises(ValueError, match="has no preview decoder"):
+        EngineBackend(load_model_folder(path), preview=True)
+    torch.manual_seed(1)
+    PreviewDecoder(PreviewConfig.for_vae(load_model_folder(path).preset.vae, channels=(8, 8, 6, 6))).save(
+        path / "preview")
+    m = load_model_folder(path)
+    b = EngineBackend(m, preview=True)
+    a, late = b.open(SessionSpec(PROMPTS[0], 0)), b.open(SessionSpec(PROMPTS[1], 1))
+    fa, fl, batches = [step_all(b, [a])[0].frames], [], []
+    for _ in range(4):
+        ra, rl = step_all(b, [a, late])
+        fa.append(ra.frames)
+        fl.append(rl.frames)
+        batches.append((ra.batch, rl.batch))
+    assert batches[-1] == (2, 2), batches
+    from server.batching import decoder_phase
+
+    assert decoder_phase(a.decoder) == decoder_phase(late.decoder)  # so their decodes ran as one batch too
+    gen = VideoGenerator(m, preview=True)
+    for frames, (prompt, seed, n) in ((fa, (PROMPTS[0], 0, 5)), (fl, (PROMPTS[1], 1, 4))):
+        want = np.concatenate([c.frames for c in gen.run([(0, prompt)], gen.frames_for_chunks(n), seed=seed)])
+        close_frames(np.concatenate(frames), want)
+
+
 @pytest.mark.parametrize("stage", ["context", "denoise", "decode"])
 def test_fault_in_a_batched_stage_lands_on_one_session(model, stage):
     b = EngineBackend(model)

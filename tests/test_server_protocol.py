@@ -686,6 +686,8 @@ def test_sigterm_in_a_real_process():
     (["--allowed-origin", "evil"], "--allowed-origin"),
     (["--stub", "--compile"], "--compile"),
     (["--stub", "--fp8"], "--fp8"),
+    (["--stub", "--preview"], "--preview"),
+    (["--preview", "no/such/taew2_1.safetensors", "--no-warmup"], "no/such/taew2_1.safetensors"),
     (["--model", "no/such/model-folder"], "no/such/model-folder"),
     (["--no-such-flag"], "--no-such-flag"),
 ])
