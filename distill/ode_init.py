@@ -162,12 +162,13 @@ def windows_report(frames, prompt: str, window: int = 32):
 
 def evaluate_engine(model_path, n: int = 50, seconds: float = 2.0, stream_seconds: float = 0.0, seed: int = 4321,
                     quiet: bool = False, sparse_topk: float | None = None, streams: int = 1,
-                    steps: int | None = None) -> dict:
+                    steps: int | None = None, preview: bool = False) -> dict:
     """Oracle adherence of a model folder generating through the streaming engine (its preset's cache and
     sampler): n random prompts of `seconds` each, with the motion summary (benchmarks/oracle.py motion_summary).
     With stream_seconds, `streams` long streams (the first prompts) scored over their first and last 10 s.
     sparse_topk: block-sparse window attention at that density instead (Preset.sparse_cache). steps: the first
-    this many of the sampler's timesteps (fewer denoising steps)."""
+    this many of the sampler's timesteps (fewer denoising steps). preview: decode with the model's preview decoder
+    (engine/preview.py) instead of the VAE's."""
     import numpy as np
 
     from benchmarks.oracle import check_means, motion_summary, score_video
@@ -178,7 +179,7 @@ def evaluate_engine(model_path, n: int = 50, seconds: float = 2.0, stream_second
     sampler = model.preset.sampler
     if steps is not None:
         sampler = few_step_sampler(sampler, steps)
-    gen = VideoGenerator(model, cache_cfg=cache, sampler_cfg=sampler)
+    gen = VideoGenerator(model, cache_cfg=cache, sampler_cfg=sampler, preview=preview)
     rng = random.Random(seed)
     prompts = [sample_prompt(rng) for _ in range(n)]
 
@@ -191,7 +192,8 @@ def evaluate_engine(model_path, n: int = 50, seconds: float = 2.0, stream_second
            "adherence": sum(r.score for r in reports) / max(n, 1),
            "adherence_se": float(np.std([r.score for r in reports], ddof=1) / np.sqrt(n)) if n > 1 else float("nan"),
            "checks": check_means(reports),
-           **motion_summary(reports, prompts), "sparse_topk": cache.sparse_topk, "sink": cache.sink}
+           **motion_summary(reports, prompts), "sparse_topk": cache.sparse_topk, "sink": cache.sink,
+           "decoder": "preview" if preview else "vae"}
     if stream_seconds:  # long streams: the first and the last 10 s, and how the last one moves
         w, firsts, lasts, tails = 10 * gen.fps, [], [], []
         for i, p in enumerate(prompts[:streams]):

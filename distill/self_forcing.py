@@ -457,6 +457,8 @@ def _main(argv=None) -> int:
     p.add_argument("--stream-seconds", type=float, default=120.0, help="--eval: length of the long streams")
     p.add_argument("--streams", type=int, default=2, help="--eval: long streams (first and last 10 s scored)")
     p.add_argument("--eval-steps", type=int, help="--eval with the first N of the sampler's steps (e.g. 2 or 1)")
+    p.add_argument("--eval-preview", action="store_true",
+                   help="--eval decoding with the model's preview decoder (engine/preview.py) instead of the VAE's")
     args = p.parse_args(argv)
     out = Path(args.out)
     if args.export or args.eval:
@@ -466,7 +468,8 @@ def _main(argv=None) -> int:
             print(export(out, Path(args.export)))
         if args.eval:
             print(json.dumps(evaluate_engine(args.export or args.student, args.eval, stream_seconds=args.stream_seconds,
-                                             streams=args.streams, steps=args.eval_steps, quiet=args.quiet)))
+                                             streams=args.streams, steps=args.eval_steps, quiet=args.quiet,
+                                             preview=args.eval_preview)))
         return 0
 
     dmd = DMDConfig(guidance=args.guidance, ttur=args.ttur, rollout_chunks=tuple(args.rollout_chunks),

@@ -186,6 +186,14 @@ def test_training_pipeline_end_to_end_on_tiny(tmp_path):
     res = {f: ode_init.evaluate_engine(out, n=2, seconds=1.0, quiet=True, sparse_topk=f) for f in (None, 0.25)}
     assert res[None]["sparse_topk"] is None and res[0.25]["sparse_topk"] == 0.25
     assert all(0.0 <= r["adherence"] <= 1.0 and r["prompts"] == 2 for r in res.values())
+    # and through a preview decoder (a random one: the evaluation runs, and says which decoder it used)
+    from engine.preview import PreviewConfig, PreviewDecoder
+
+    with pytest.raises(ValueError, match="has no preview decoder"):
+        ode_init.evaluate_engine(out, n=1, seconds=1.0, quiet=True, preview=True)
+    PreviewDecoder(PreviewConfig.for_vae(m.preset.vae, channels=(4, 4, 4, 4), blocks=1)).save(out / "preview")
+    r = ode_init.evaluate_engine(out, n=2, seconds=1.0, quiet=True, preview=True)
+    assert r["decoder"] == "preview" and res[None]["decoder"] == "vae" and 0.0 <= r["adherence"] <= 1.0
 
 
 def test_training_clis_bad_input_one_line_exit_2(tmp_path, capsys):
