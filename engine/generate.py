@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     import torch  # heavy imports after argument checks, so `--help` and bad flags answer at once
 
     from .folder import ModelLoadError, load_model_folder
-    from .pipeline import VideoGenerator, check_preview
+    from .pipeline import VideoGenerator, attach_preview
     from .sampler import few_step_sampler
     from .video_io import open_writer
 
@@ -92,16 +92,9 @@ def main(argv=None) -> int:
     except ModelLoadError as e:
         parser.error(f"--model: {e}")
     preset = model.preset
-    if a.preview:
-        from .preview import load_preview
-
-        try:
-            model.preview = load_preview(a.preview, device=device, dtype=dtype)
-        except ModelLoadError as e:
-            parser.error(f"--preview: {e}")
     if a.preview is not None:
         try:
-            check_preview(model)
+            attach_preview(model, a.preview, device, dtype)
         except ValueError as e:
             parser.error(f"--preview: {e}")
     overrides = {k: v for k, v in (("sink", a.sink), ("window_frames", a.window)) if v is not None}

@@ -53,6 +53,16 @@ def check_preview(model: LoadedModel):
                          f"the VAE {vae.z_dim} at x{vae.spatial} and x{vae.temporal}")
 
 
+def attach_preview(model: LoadedModel, path: str, device="cpu", dtype=torch.float32):
+    """The CLIs' --preview [FILE]: the model's own preview decoder (path "") or the one at `path`, checked against
+    the VAE. A one-line ValueError (ModelLoadError is one) if it is missing, unreadable or does not fit."""
+    if path:
+        from .preview import load_preview
+
+        model.preview = load_preview(path, device=device, dtype=dtype)
+    check_preview(model)
+
+
 class VideoGenerator:
     def __init__(self, model: LoadedModel, *, cache_cfg=None, sampler_cfg=None, recompute=False, decode=True,
                  cuda_graphs=False, decoder_frames_per_call=1, preview=False):

@@ -66,7 +66,8 @@ class PreviewConfig:
         """A preview decoder for a VAEConfig's latents: its spatial and temporal factors, upscaling late (the
         cheap end of the network works at the latent size as long as it can)."""
         s, t = vae_cfg.scale_factor_spatial.bit_length() - 1, vae_cfg.scale_factor_temporal.bit_length() - 1
-        if not 0 <= s <= 3 or not 0 <= t <= 3 or 2 ** s != vae_cfg.scale_factor_spatial:
+        if not (0 <= s <= 3 and 0 <= t <= 3 and 2 ** s == vae_cfg.scale_factor_spatial
+                and 2 ** t == vae_cfg.scale_factor_temporal):
             raise ValueError(f"no preview layout for spatial x{vae_cfg.scale_factor_spatial}, "
                              f"temporal x{vae_cfg.scale_factor_temporal}")
         late = lambda n: tuple(i >= 3 - n for i in range(3))  # noqa: E731

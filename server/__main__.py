@@ -72,12 +72,12 @@ def engine_backend(a: argparse.Namespace, parser: argparse.ArgumentParser):
         model = load_model_folder(a.model, device=device, dtype=getattr(torch, a.dtype))
     except ModelLoadError as e:
         parser.error(f"--model: {e}")
-    if a.preview:
-        from engine.preview import load_preview
+    if a.preview is not None:
+        from engine.pipeline import attach_preview
 
         try:
-            model.preview = load_preview(a.preview, device=device, dtype=getattr(torch, a.dtype))
-        except ModelLoadError as e:
+            attach_preview(model, a.preview, device, getattr(torch, a.dtype))
+        except ValueError as e:
             parser.error(f"--preview: {e}")
     if a.fp8:
         from engine.fp8 import quantize_fp8
@@ -87,10 +87,7 @@ def engine_backend(a: argparse.Namespace, parser: argparse.ArgumentParser):
         from engine import accel
 
         accel.compile_blocks()  # global: every session's forward goes through the compiled block halves
-    try:
-        backend = EngineBackend(model, preview=a.preview is not None)
-    except ValueError as e:
-        parser.error(f"--preview: {e}")
+    backend = EngineBackend(model, preview=a.preview is not None)
     if not a.no_warmup:
         backend.warmup()  # with --compile this is where compilation happens, before the first client
     return backend
