@@ -63,7 +63,7 @@ def decode_ms_per_frame(decoder, z: torch.Tensor, repeats: int = 5) -> float:
 
 def export(run: Path, out: Path, dtype=None) -> PreviewDecoder:
     settings = json.loads((run / SETTINGS).read_text())
-    cfg = PreviewConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings["config"].items()})
+    cfg = PreviewConfig.from_dict(settings["config"])
     model = PreviewDecoder(cfg)
     weights = load_weights(run, "ema")
     model.load_state_dict({k.removeprefix("preview."): v for k, v in weights.items()}, strict=True)
@@ -123,21 +123,22 @@ def _main(argv=None) -> int:
                                     channels=tuple(args.channels), blocks=args.blocks)
     except ValueError as e:
         p.error(f"--vae {args.vae}: {e}")
+    init = PreviewDecoder.from_folder(args.init) if args.init else None
     settings = {"vae": args.vae, "config": asdict(cfg), "size": list(args.size)}
     if (out / SETTINGS).is_file() and not args.no_resume:  # a resume keeps the run's own decoder
         settings = json.loads((out / SETTINGS).read_text())
-        cfg = PreviewConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings["config"].items()})
+        cfg = PreviewConfig.from_dict(settings["config"])
     else:
-        if args.init:  # its config is the run's
-            cfg = PreviewDecoder.from_folder(args.init).cfg
+        if init is not None:  # its config is the run's
+            cfg = init.cfg
             settings["config"] = asdict(cfg)
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             (out / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
     torch.manual_seed(args.seed)
     preview = PreviewDecoder(cfg)
-    if args.init:  # a resume reads its checkpoint over these
-        preview.load_state_dict(PreviewDecoder.from_folder(args.init).state_dict())
+    if init is not None:  # a resume reads its checkpoint over these
+        preview.load_state_dict(init.state_dict())
     model = PreviewWithLoss(preview, vae)
     clips = ShapesClips(*settings["size"], args.frames, seed=args.seed)
     task = VAETask(clips, 0.0, device, args.object_weight, p_cut=args.p_cut, motion_weight=args.motion_weight,

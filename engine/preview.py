@@ -53,6 +53,11 @@ class PreviewConfig:
         if self.blocks < 1 or self.patch_size < 1 or min(self.channels) < 1:
             raise ValueError("PreviewConfig: blocks, patch_size and channels must be positive")
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreviewConfig":
+        """From its JSON form (lists for the tuples)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
     @property
     def spatial(self) -> int:
         return 2 ** sum(self.space_upscale) * self.patch_size
@@ -184,7 +189,7 @@ class PreviewDecoder(nn.Module):
         if d.pop("format", None) != "preview-decoder":
             raise ModelLoadError(f"{folder / CONFIG}: not a preview decoder")
         try:
-            cfg = PreviewConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+            cfg = PreviewConfig.from_dict(d)
         except (TypeError, ValueError) as e:
             raise ModelLoadError(f"{folder / CONFIG}: {e}") from None
         model = cls(cfg)
