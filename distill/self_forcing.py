@@ -19,6 +19,9 @@ One optimizer step (`DMDNets.forward`):
    Here r is the mean of the oracle's motion checks (direction, speed, frozen / copying) on the decoded rollout.
 3. Critic, every step. Flow matching on the detached rollouts, so that it tracks the student's distribution (TTUR:
    `--ttur` critic updates per generator update).
+4. GAN (DMD2, `--gan-weight` > 0). A head on a middle critic block learns, with the critic, to tell noised real
+   clips (rendered Shapes clips, a latent cache made on first use) from noised rollouts; the generator also descends
+   its non-saturating loss, the one signal that does not come through the teacher.
 
 Hybrid Forcing's decoupled schedule: with `--sparse-topk` and / or `--linear-memory`, rollouts switch at step
 `--hybrid-from` from the dense cache to block-sparse window attention and the linear memory of evicted chunks. The
@@ -67,6 +70,11 @@ class DMDConfig:
     t_max: float = 0.98
     shift: float = 5.0
     reward_beta: float = 0.0  # Re-DMD: rollout weights exp(beta * r); 0 is plain DMD
+    gan_weight: float = 0.0  # DMD2's GAN term: the generator's non-saturating loss on a head over the critic; 0 is off
+    disc_weight: float = 0.01  # weight of the head's real-vs-student classification loss in the critic's update
+    gan_layer: int = -1  # the critic block whose tokens the head reads (-1: the middle one, DMD2's bottleneck)
+    gan_shift: float = 1.0  # the GAN's noise levels: uniform in [t_min, t_max], shifted by this (1: not shifted;
+    # at the DMD's shift 5 most samples are so noisy that real and student clips look alike)
 
     def __post_init__(self):
         if self.ttur < 1 or self.dmd_chunks < 1:
@@ -75,6 +83,9 @@ class DMDConfig:
             raise ValueError(f"every rollout length {list(self.rollout_chunks)} must be >= dmd_chunks {self.dmd_chunks}")
         if not 0.0 <= self.t_min < self.t_max <= 1.0:
             raise ValueError(f"need 0 <= t_min < t_max <= 1, got {self.t_min}, {self.t_max}")
+        if self.gan_weight < 0 or self.disc_weight <= 0 or self.gan_shift <= 0:
+            raise ValueError(f"need gan_weight >= 0, disc_weight > 0 and gan_shift > 0, got {self.gan_weight}, "
+                             f"{self.disc_weight}, {self.gan_shift}")
 
 
 # ---- the rollout --------------------------------------------------------------------------------------
@@ -169,6 +180,37 @@ def motion_rewards(vae, x: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     return torch.tensor(out, device=x.device)
 
 
+class DiscHead(nn.Module):
+    """DMD2's GAN classifier on the critic: tokens [B, L, dim] of one critic block -> a real-vs-student logit [B]
+    (a per-token MLP, averaged over the tokens). The critic reads the prompt, so the head judges a clip with it."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, 1))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.mlp(tokens.float()).mean(dim=(1, 2))
+
+
+def gan_logits(critic: CausalWanModel, head: DiscHead, layer: int, x: torch.Tensor, text_kv, sigma: torch.Tensor,
+               eps: torch.Tensor) -> torch.Tensor:
+    """The head's logits [B] for clips x [B, C, F, h, w] noised to sigma [B] (DMD2 classifies noised samples, at
+    the critic's own timesteps)."""
+    s = _bcast(sigma)
+    return head(critic((1 - s) * x + s * eps, sigma * 1000, text_kv=text_kv, features_at=layer))
+
+
+def gan_gradient(critic: CausalWanModel, head: DiscHead, layer: int, x: torch.Tensor, text_kv, sigma: torch.Tensor,
+                 eps: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The generator's GAN gradient: d mean softplus(-logit) / dx for the samples x, taken through the critic and the
+    head without touching their gradients (the generator's loss must not train its judge). Returns (gradient, loss)."""
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        loss = F.softplus(-gan_logits(critic, head, layer, xg, text_kv, sigma, eps)).mean()
+        (g,) = torch.autograd.grad(loss, xg)
+    return g, loss.item()
+
+
 def reward_weights(r: torch.Tensor, beta: float) -> torch.Tensor:
     """exp(beta r), normalised to mean 1 over the batch so the loss keeps its scale (beta 0: all ones)."""
     w = torch.exp(beta * (r - r.max()))  # shifted for range; the normalisation cancels it
@@ -194,10 +236,18 @@ class DMDNets(nn.Module):
         self.hybrid_cache_cfg = hybrid_cache_cfg  # the sparse / linear-memory cache of the second phase
         if cfg.reward_beta and vae is None:
             raise ValueError("Re-DMD (reward_beta > 0) needs the VAE to decode rollouts for the oracle")
+        if cfg.gan_weight:  # trained with the critic (its lr group); absent without the GAN term
+            n = critic.cfg.num_layers
+            self.gan_layer = n // 2 if cfg.gan_layer == -1 else cfg.gan_layer
+            if not 0 <= self.gan_layer < n:
+                raise ValueError(f"gan_layer {cfg.gan_layer}: the critic has blocks 0..{n - 1}")
+            with torch.random.fork_rng(devices=[]):  # the same start on every run and rank (the global RNG varies)
+                torch.manual_seed(0)
+                self.disc_head = DiscHead(critic.cfg.dim)
 
-    def _sigma(self, n: int, gen: torch.Generator, device) -> torch.Tensor:
+    def _sigma(self, n: int, gen: torch.Generator, device, shift: float | None = None) -> torch.Tensor:
         u = self.cfg.t_min + (self.cfg.t_max - self.cfg.t_min) * torch.rand(n, generator=gen, dtype=torch.float64)
-        return shift_sigma(u, self.cfg.shift).float().to(device)
+        return shift_sigma(u, self.cfg.shift if shift is None else shift).float().to(device)
 
     def plan(self, gen: torch.Generator) -> list[int]:
         """A rollout's length and exit steps: the exit step of each chunk. Drawn once per optimizer step for every
@@ -207,10 +257,12 @@ class DMDNets(nn.Module):
         return torch.randint(len(self.sampler_cfg.timesteps), (n_chunks,), generator=gen).tolist()
 
     def forward(self, emb: torch.Tensor, teacher_emb: torch.Tensor, uncond_emb: torch.Tensor, prompts: list[str],
-                exits: list[int], gen: torch.Generator, generator_step: bool, hybrid: bool = False):
+                exits: list[int], gen: torch.Generator, generator_step: bool, hybrid: bool = False,
+                real: torch.Tensor | None = None, real_emb: torch.Tensor | None = None):
         """emb: the student's prompt embeddings [B, Lt, text_dim]; teacher_emb / uncond_emb the teacher's (the
-        critic reads teacher_emb too); exits: plan(); hybrid: roll out through the sparse / linear-memory cache.
-        Returns (loss, metrics)."""
+        critic reads teacher_emb too); exits: plan(); hybrid: roll out through the sparse / linear-memory cache;
+        real / real_emb (the GAN term): latents of real clips [B, C, >= len(exits) * frames_per_chunk, h, w] and
+        the teacher's embeddings of their prompts. Returns (loss, metrics)."""
         cfg, B = self.cfg, emb.shape[0]
         cache_cfg = self.hybrid_cache_cfg if hybrid else self.cache_cfg
         teacher, dev = self.frozen["teacher"], emb.device
@@ -228,6 +280,19 @@ class DMDNets(nn.Module):
                            torch.randn(x.shape, generator=gen).to(dev, x.dtype))
         metrics = {"critic": c_loss.item(), "gen": float(generator_step), "dmd": 0.0, "reward": 0.0, "hybrid": float(hybrid),
                    "exit": sum(exits[-cfg.dmd_chunks:]) / cfg.dmd_chunks}
+        if cfg.gan_weight:  # the head learns real clips from the student's, every step, beside the critic
+            if real is None:
+                raise ValueError("the GAN term needs real clips (DMDTask with real latents)")
+            end = len(exits) * fpc  # the real clips' frames at the scored chunks' place in the stream
+            r = real[:, :, end - x.shape[2]:end].to(dev, x.dtype)
+            sig = self._sigma(B, gen, dev, cfg.gan_shift)
+            args = (self.critic, self.disc_head, self.gan_layer)
+            lr_ = gan_logits(*args, r, self.critic.text_kv(real_emb), sig, torch.randn(r.shape, generator=gen).to(dev, x.dtype))
+            lf_ = gan_logits(*args, x.detach(), critic_kv, sig, torch.randn(x.shape, generator=gen).to(dev, x.dtype))
+            d_loss = F.softplus(-lr_).mean() + F.softplus(lf_).mean()
+            c_loss = c_loss + cfg.disc_weight * d_loss
+            metrics.update(disc=d_loss.item(), d_acc=0.5 * ((lr_ > 0).float().mean() + (lf_ < 0).float().mean()).item(),
+                           gan=0.0)
         if not generator_step:
             return c_loss, metrics
 
@@ -245,16 +310,23 @@ class DMDNets(nn.Module):
             w = torch.ones_like(per)
         g_loss = (w * per).mean()
         metrics["dmd"] = per.mean().item()
+        if cfg.gan_weight:  # a surrogate whose gradient in x is the GAN gradient: the generator alone learns from it
+            g, metrics["gan"] = gan_gradient(self.critic, self.disc_head, self.gan_layer, x, critic_kv,
+                                             self._sigma(B, gen, dev, cfg.gan_shift),
+                                             torch.randn(x.shape, generator=gen).to(dev, x.dtype))
+            g_loss = g_loss + cfg.gan_weight * (x * g).sum()
         return g_loss + c_loss, metrics
 
 
 class DMDTask:
-    """Data-free: a batch is random Shapes prompts (a pure function of the sample ids), embedded by the student's
-    and the teacher's text encoders (cached per prompt). TTUR: step s trains the generator when s % ttur == 0."""
+    """A batch is random Shapes prompts (a pure function of the sample ids), embedded by the student's and the
+    teacher's text encoders (cached per prompt); with `real` (the GAN term) also real clips' latents and their
+    prompts (clip i for sample i). TTUR: step s trains the generator when s % ttur == 0."""
 
-    def __init__(self, student_text, teacher_text, ttur: int, seed: int = 0, hybrid_from: int | None = None):
+    def __init__(self, student_text, teacher_text, ttur: int, seed: int = 0, hybrid_from: int | None = None,
+                 real=None):
         self.student_text, self.teacher_text, self.ttur, self.seed = student_text, teacher_text, ttur, seed
-        self.hybrid_from, self.hybrid = hybrid_from, False
+        self.hybrid_from, self.hybrid, self.real = hybrid_from, False, real
         self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.uncond = teacher_text.encode([""])
         self.generator_step = True
@@ -267,20 +339,28 @@ class DMDTask:
     def prompt(self, i: int) -> str:
         return sample_prompt(random.Random(self.seed * 1_000_003 + i))
 
-    def batch(self, ids):
-        prompts = [self.prompt(i) for i in ids]
+    def _embed(self, prompts: list[str]):
         new = [p for p in dict.fromkeys(prompts) if p not in self.cache]
         if new:
             self.cache.update(zip(new, zip(self.student_text.encode(new), self.teacher_text.encode(new))))
-        return {"emb": torch.stack([self.cache[p][0] for p in prompts]),
-                "teacher_emb": torch.stack([self.cache[p][1] for p in prompts]),
-                "uncond": self.uncond, "prompts": prompts}
+
+    def batch(self, ids):
+        prompts = [self.prompt(i) for i in ids]
+        self._embed(prompts)
+        out = {"emb": torch.stack([self.cache[p][0] for p in prompts]),
+               "teacher_emb": torch.stack([self.cache[p][1] for p in prompts]),
+               "uncond": self.uncond, "prompts": prompts}
+        if self.real is not None:
+            real_prompts, out["real"] = self.real.get(ids)
+            self._embed(real_prompts)
+            out["real_emb"] = torch.stack([self.cache[p][1] for p in real_prompts])
+        return out
 
     def loss(self, model, batch, gen):
         nets = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         exits = nets.plan(torch.Generator().set_state(self.step_gen.get_state()))  # every micro-batch: the same plan
         return model(batch["emb"], batch["teacher_emb"], batch["uncond"], batch["prompts"], exits, gen,
-                     self.generator_step, self.hybrid)
+                     self.generator_step, self.hybrid, batch.get("real"), batch.get("real_emb"))
 
 
 # ---- building, export and the CLI ---------------------------------------------------------------------
@@ -365,7 +445,7 @@ class PromptFile:
         return self.prompts[i % len(self.prompts)]
 
 
-def build(settings: dict, device) -> tuple[DMDNets, DMDTask, object]:
+def build(settings: dict, device, quiet: bool = False) -> tuple[DMDNets, DMDTask, object]:
     """DMDNets and DMDTask from a run's settings (dmd.json): the student folder, the teacher, the DMD options."""
     student = load_model_folder(settings["student"])
     preset = student.preset
@@ -373,6 +453,9 @@ def build(settings: dict, device) -> tuple[DMDNets, DMDTask, object]:
     cfg = DMDConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings["dmd"].items()})
     if cfg.reward_beta and settings.get("prompts"):
         raise ValueError("--reward-beta: the motion reward is the Shapes oracle's, which needs Shapes prompts "
+                         "(leave out --prompts)")
+    if cfg.gan_weight and settings.get("prompts"):
+        raise ValueError("--gan-weight: the real clips are rendered Shapes clips, which need Shapes prompts "
                          "(leave out --prompts)")
     cache_cfg, hybrid_cfg = run_caches(preset, settings)
     critic_from, critic_text = (teacher, teacher_text) if not settings.get("critic") else \
@@ -389,11 +472,38 @@ def build(settings: dict, device) -> tuple[DMDNets, DMDTask, object]:
         student.vae.vae.to(device)
     nets = DMDNets(generator, critic, teacher_net, cfg, cache_cfg, preset.sampler, preset.latent_hw,
                    vae=student.vae if cfg.reward_beta else None, hybrid_cache_cfg=hybrid_cfg)
+    real = None
+    if cfg.gan_weight:
+        frames = max(cfg.rollout_chunks) * cache_cfg.frames_per_chunk
+        real = real_clips(settings["real"]["path"], settings["real"]["clips"], student, frames, quiet)
     task = DMDTask(student.text, teacher_text, cfg.ttur, seed=settings.get("seed", 0),
-                   hybrid_from=settings["hybrid"]["from_step"] if settings.get("hybrid") else None)
+                   hybrid_from=settings["hybrid"]["from_step"] if settings.get("hybrid") else None, real=real)
     if settings.get("prompts"):
         task.prompt = PromptFile(settings["prompts"])
     return nets, task, student
+
+
+def real_clips(path: str, count: int, student, latent_frames: int, quiet: bool = False):
+    """The GAN term's real data: `count` rendered Shapes clips (seed 0, clip i anywhere in an endless stream) encoded
+    by the student's VAE into a latent cache at `path`, made on first use (by rank 0; the others wait), each at
+    least `latent_frames` latent frames long (a rollout's). Returns a LatentSet."""
+    import torch.distributed as dist
+
+    from .data import LatentSet, ShapesClips, encode_clips
+
+    p, pre = Path(path), student.preset
+    if not p.is_file() and (not dist.is_initialized() or dist.get_rank() == 0):
+        frames = 1 + 4 * -(-pre.vae.scale_factor_temporal * (latent_frames - 1) // 4)  # the encoder takes 1 + 4k
+        encode_clips(student.vae, ShapesClips(pre.width, pre.height, frames), count, p, quiet=quiet)
+    if dist.is_initialized():
+        dist.barrier()
+    real = LatentSet(p)
+    have = tuple(real.latents.shape[1:])
+    want = (pre.model.in_channels, latent_frames, *pre.latent_hw)
+    if have[0] != want[0] or have[2:] != want[2:] or have[1] < latent_frames:
+        raise ValueError(f"{p}: latents of shape {list(have)}, the student's rollouts need {list(want)} "
+                         "(another VAE or size, or shorter clips: delete it to re-encode)")
+    return real
 
 
 def export(run: Path, out: Path) -> Path:
@@ -441,6 +551,20 @@ def _main(argv=None) -> int:
                    help="chunks per rollout, one length drawn per step (longer than sink + window: eviction)")
     p.add_argument("--dmd-chunks", type=int, default=d.dmd_chunks, help="the last this many chunks are scored")
     p.add_argument("--reward-beta", type=float, default=d.reward_beta, help="Re-DMD: weight rollouts by exp(beta r)")
+    p.add_argument("--gan-weight", type=float, default=d.gan_weight,
+                   help="DMD2's GAN term: weight of the generator's loss from a real-vs-student head on the critic "
+                        "(0: off); it trains on rendered clips, so the student can learn what the teacher gets wrong")
+    p.add_argument("--disc-weight", type=float, default=d.disc_weight,
+                   help="--gan-weight: weight of the head's classification loss in the critic's update")
+    p.add_argument("--disc-lr-scale", type=float, default=20.0, metavar="F",
+                   help="--gan-weight: lr of the head = F x --lr (it starts from nothing, the critic from the teacher)")
+    p.add_argument("--gan-shift", type=float, default=d.gan_shift,
+                   help="--gan-weight: shift of the GAN's noise levels (1: uniform; the DMD's own is 5)")
+    p.add_argument("--gan-layer", type=int, default=d.gan_layer,
+                   help="--gan-weight: the critic block the head reads (-1: the middle one)")
+    p.add_argument("--real", metavar="FILE", default="runs/real-latents.safetensors",
+                   help="--gan-weight: latent cache of the real clips (made on first use with the student's VAE)")
+    p.add_argument("--real-clips", type=int, default=2000, metavar="N", help="--gan-weight: clips in a new --real cache")
     p.add_argument("--sparse-topk", type=float, metavar="F",
                    help="Hybrid Forcing: block-sparse window attention keeping this fraction of the window's key "
                         "blocks (the sink's and the current chunk's are always kept)")
@@ -473,7 +597,10 @@ def _main(argv=None) -> int:
         return 0
 
     dmd = DMDConfig(guidance=args.guidance, ttur=args.ttur, rollout_chunks=tuple(args.rollout_chunks),
-                    dmd_chunks=args.dmd_chunks, reward_beta=args.reward_beta)
+                    dmd_chunks=args.dmd_chunks, reward_beta=args.reward_beta, gan_weight=args.gan_weight,
+                    disc_weight=args.disc_weight, gan_layer=args.gan_layer, gan_shift=args.gan_shift)
+    if args.real_clips < 1 or args.disc_lr_scale <= 0:
+        p.error(f"--real-clips {args.real_clips} / --disc-lr-scale {args.disc_lr_scale}: must be >= 1 / positive")
     if args.sparse_topk is not None and not 0.0 < args.sparse_topk <= 1.0:
         p.error(f"--sparse-topk {args.sparse_topk}: must lie in (0, 1]")
     if args.memory_lr_scale <= 0:
@@ -484,7 +611,11 @@ def _main(argv=None) -> int:
         hybrid["memory_lr_scale"] = args.memory_lr_scale
     settings = {"student": args.student, "teacher": args.teacher, **({"critic": args.critic} if args.critic else {}),
                 "sink": args.sink, "seed": args.seed, "prompts": args.prompts, "hybrid": hybrid,
-                "dmd": dataclasses.asdict(dmd), "critic_lr_scale": args.critic_lr_scale}
+                "dmd": dmd_settings(dmd), "critic_lr_scale": args.critic_lr_scale}
+    if dmd.gan_weight:
+        settings["real"] = {"path": args.real, "clips": args.real_clips}
+        settings["disc_lr_scale"] = args.disc_lr_scale
+    settings = json.loads(json.dumps(settings))  # as dmd.json reads back (tuples as lists), to compare on resume
     if (out / "dmd.json").is_file() and not args.no_resume:  # a resume keeps the run's own settings
         old = json.loads((out / "dmd.json").read_text())
         if old != settings:
@@ -497,7 +628,7 @@ def _main(argv=None) -> int:
         from engine.accel import checkpoint_blocks
 
         checkpoint_blocks()
-    nets, task, _ = build(settings, device)
+    nets, task, _ = build(settings, device, quiet=args.quiet)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "dmd.json").write_text(json.dumps(settings, indent=2) + "\n")
@@ -526,6 +657,12 @@ def sharding(nets: DMDNets) -> str:
                                               ("teacher", nets.frozen["teacher"])]) + " on each rank"
 
 
+def dmd_settings(dmd: DMDConfig) -> dict:
+    """dmd.json's "dmd": the GAN fields only when the term is on (runs from before it resume unchanged)."""
+    d = dataclasses.asdict(dmd)
+    return d if dmd.gan_weight else {k: v for k, v in d.items() if not k.startswith(("gan_", "disc_"))}
+
+
 MEMORY_PARAMS = "generator.*.mem_proj.*"  # the generator's linear-memory projections (enable_linear_memory)
 
 
@@ -534,7 +671,8 @@ def param_groups(settings: dict) -> dict[str, float]:
     projections when they have their own lr (new, zero-initialised, and trained only after the switch), the critic."""
     h = settings.get("hybrid") or {}
     memory = {MEMORY_PARAMS: h["memory_lr_scale"]} if h.get("memory_lr_scale", 1.0) != 1.0 else {}
-    return {**memory, "generator.": 1.0, "critic.": settings["critic_lr_scale"]}
+    head = {"disc_head.": settings["disc_lr_scale"]} if settings.get("dmd", {}).get("gan_weight") else {}
+    return {**memory, "generator.": 1.0, "critic.": settings["critic_lr_scale"], **head}
 
 main = one_line_errors(_main, "distill.self_forcing")
 

@@ -220,10 +220,13 @@ class CausalWanModel(nn.Module):
         ctx = self.condition_embedder.text_embedder(text.to(self.dtype))
         return [blk.text_kv(ctx) for blk in self.blocks]
 
-    def forward(self, x, timestep, encoder_hidden_states=None, *, text_kv=None, ctx: AttnContext | None = None):
+    def forward(self, x, timestep, encoder_hidden_states=None, *, text_kv=None, ctx: AttnContext | None = None,
+                features_at: int | None = None):
         """x [B, C, F, h, w], timestep [B] or [B, F] (0..1000) -> flow prediction [B, C, F, h, w].
 
-        Without `ctx` this is the bidirectional model, call-compatible with WanTransformer3DModel.
+        Without `ctx` this is the bidirectional model, call-compatible with WanTransformer3DModel. With
+        `features_at=i` it stops after block i and returns its tokens [B, L, dim] instead (what a discriminator
+        head reads: distill/self_forcing.py's GAN term).
         """
         B, _, nf, h, w = x.shape
         pt, ph, pw = self.cfg.patch_size
@@ -250,6 +253,8 @@ class CausalWanModel(nn.Module):
         # 3. Blocks
         for i, blk in enumerate(self.blocks):
             x = blk(x, mod, text_kv[i], ctx, i)
+            if i == features_at:
+                return x
 
         # 4. Output norm, projection, unpatchify
         shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).unbind(2)

@@ -1,6 +1,7 @@
 """The student's bidirectional mode equals diffusers' WanTransformer3DModel on the same random weights."""
 
 import dataclasses
+import random
 
 import pytest
 import torch
@@ -67,3 +68,21 @@ def test_wan_preset_builds_on_meta_with_real_widths():
     with torch.device("meta"):
         ref = WanTransformer3DModel(**cfg.diffusers_kwargs())
     assert {k: v.shape for k, v in ref.state_dict().items()} == {k: v.shape for k, v in m.state_dict().items()}
+
+
+def test_features_at_returns_the_tokens_after_that_block():
+    """features_at=i stops after block i: its tokens are what the full forward passes on (a hook on block i)."""
+    preset = get_preset("tiny")
+    torch.manual_seed(random.randrange(1 << 30))
+    m = CausalWanModel(preset.model).eval()
+    x = torch.randn(2, preset.model.in_channels, 3, 6, 4)
+    t, text = torch.rand(2) * 1000, torch.randn(2, 5, preset.model.text_dim)
+    for i in range(preset.model.num_layers):
+        seen = []
+        h = m.blocks[i].register_forward_hook(lambda mod, inp, out: seen.append(out))
+        with torch.no_grad():
+            m(x, t, text)
+            feats = m(x, t, text, features_at=i)
+        h.remove()
+        assert feats.shape == (2, 3 * 3 * 2, preset.model.num_attention_heads * preset.model.attention_head_dim)
+        torch.testing.assert_close(feats, seen[0], rtol=0, atol=0)
