@@ -287,12 +287,13 @@ class DMDNets(nn.Module):
             r = real[:, :, end - x.shape[2]:end].to(dev, x.dtype)
             sig = self._sigma(B, gen, dev, cfg.gan_shift)
             args = (self.critic, self.disc_head, self.gan_layer)
-            lr_ = gan_logits(*args, r, self.critic.text_kv(real_emb), sig, torch.randn(r.shape, generator=gen).to(dev, x.dtype))
-            lf_ = gan_logits(*args, x.detach(), critic_kv, sig, torch.randn(x.shape, generator=gen).to(dev, x.dtype))
-            d_loss = F.softplus(-lr_).mean() + F.softplus(lf_).mean()
+            real_logit = gan_logits(*args, r, self.critic.text_kv(real_emb), sig,
+                                    torch.randn(r.shape, generator=gen).to(dev, x.dtype))
+            fake_logit = gan_logits(*args, x.detach(), critic_kv, sig, torch.randn(x.shape, generator=gen).to(dev, x.dtype))
+            d_loss = F.softplus(-real_logit).mean() + F.softplus(fake_logit).mean()
             c_loss = c_loss + cfg.disc_weight * d_loss
-            metrics.update(disc=d_loss.item(), d_acc=0.5 * ((lr_ > 0).float().mean() + (lf_ < 0).float().mean()).item(),
-                           gan=0.0)
+            d_acc = 0.5 * ((real_logit > 0).float().mean() + (fake_logit < 0).float().mean())
+            metrics.update(disc=d_loss.item(), d_acc=d_acc.item(), gan=0.0)
         if not generator_step:
             return c_loss, metrics
 
