@@ -619,8 +619,8 @@ def _main(argv=None) -> int:
     settings = json.loads(json.dumps(settings))  # as dmd.json reads back (tuples as lists), to compare on resume
     if (out / "dmd.json").is_file() and not args.no_resume:  # a resume keeps the run's own settings
         old = json.loads((out / "dmd.json").read_text())
-        if old != settings:
-            changed = sorted(k for k in settings if old.get(k) != settings[k])
+        # a key missing from an older run's dmd.json reads as None, the value it had then
+        if changed := sorted(k for k in settings.keys() | old.keys() if old.get(k) != settings.get(k)):
             sys.stderr.write(f"distill.self_forcing: resuming {out} with its own settings (ignoring changed "
                              f"{', '.join(changed)})\n")
         settings = old

@@ -6,6 +6,7 @@
     python -m distill.train_teacher --out assets/shapes-teacher --eval 50           # same, exported folder
     python -m distill.train_teacher --out runs/teacher2 --init assets/shapes-teacher  # go on from an export
     python -m distill.train_teacher --out assets/shapes-teacher --probe 24          # which prompt words it uses
+    python -m distill.train_teacher --out assets/shapes-teacher --eval 30 --renoise 0 0.5 0.85 1  # where it loses
 
 Data: `--clips` rendered clips encoded once by the VAE into `--latents` (made on first use). Each sample's
 prompt is dropped to the empty prompt with probability `--p-uncond` (classifier-free guidance); sigma is
@@ -23,6 +24,7 @@ import random
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import WanTransformer3DModel
@@ -34,7 +36,7 @@ from engine.vae import VideoVAE
 
 from .data import LatentSet, ShapesClips, encode_clips, to_uint8
 from .shapes import sample_prompt
-from .teacher import TEXT_KINDS, Teacher, sample, shift_sigma
+from .teacher import TEXT_KINDS, Teacher, sample, shift_sigma, sigma_schedule
 from .trainer import Trainer, add_train_args, config_from_args, load_weights, setup_distributed
 
 
@@ -159,6 +161,33 @@ def evaluate(teacher: Teacher, vae: VideoVAE, preset, n: int, frames: int, steps
 
 
 @torch.no_grad()
+def renoise_eval(teacher: Teacher, vae: VideoVAE, preset, n: int, frames: int, sigmas, steps: int, guidance: float,
+                 shift: float, seed: int = 1234, batch: int = 10) -> dict:
+    """Where the teacher loses adherence: n fresh rendered clips (not the training clips' seed), encoded by the VAE,
+    noised to each sigma and sampled from there by the teacher's sampler (sigma, then its grid's sigmas below it),
+    with the clips' own prompts. Sigma 0 scores the VAE's reconstructions, sigma 1 ordinary sampling; a denoiser
+    that knew the clip exactly would score sigma 0's adherence at every sigma. -> {sigma: adherence and checks}."""
+    from benchmarks.oracle import check_means, score_video
+
+    prompts, video = ShapesClips(preset.width, preset.height, frames, seed=seed).videos(range(n))
+    z0 = torch.cat([vae.encode(video[i:i + batch]) for i in range(0, n, batch)])
+    eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed))
+    grid = sigma_schedule(steps, shift)
+    cond, uncond = teacher.text.encode(prompts), teacher.text.encode([""] * n)
+    out = {}
+    for sig in sigmas:
+        x = (1 - sig) * z0 + sig * eps
+        if sig > 0:
+            tail = torch.cat([torch.tensor([float(sig)]), grid[grid < sig]])
+            x = torch.cat([sample(teacher.transformer, cond[i:i + batch], uncond[i:i + batch], x[i:i + batch],
+                                  guidance=guidance, sigmas=tail) for i in range(0, n, batch)])
+        videos = np.concatenate([to_uint8(vae.decode(x[i:i + batch])) for i in range(0, n, batch)])
+        reports = [score_video(v, p) for v, p in zip(videos, prompts)]
+        out[str(sig)] = {"adherence": sum(r.score for r in reports) / n, "checks": check_means(reports)}
+    return out
+
+
+@torch.no_grad()
 def prompt_probe(teacher: Teacher, data: LatentSet, n: int = 24, sigmas=(0.9, 0.6, 0.3), seed: int = 0) -> dict:
     """Does the teacher use each word of the prompt? On n one-object clips that move left/right/up/down, its
     flow-matching loss at fixed sigmas with the clip's own prompt and with one word swapped (colour, shape,
@@ -222,6 +251,9 @@ def _main(argv=None) -> int:
     p.add_argument("--export", metavar="DIR", help="write transformer/ and text_encoder/ folders")
     p.add_argument("--export-shard-mb", type=float, metavar="MB", help="with --export: weight files of at most MB each")
     p.add_argument("--eval", type=int, metavar="N", help="oracle adherence of N random prompts")
+    p.add_argument("--renoise", type=float, nargs="+", metavar="SIGMA",
+                   help="with --eval N: N fresh rendered clips noised to each SIGMA and sampled from there "
+                        "(0: the VAE's reconstructions; 1: ordinary sampling): at which noise levels adherence is lost")
     p.add_argument("--probe", type=int, metavar="N",
                    help="loss with each prompt word swapped on N one-object clips of --latents: which words it uses")
     p.add_argument("--steps-sample", type=int, default=30)
@@ -232,6 +264,8 @@ def _main(argv=None) -> int:
     preset = get_preset(args.preset)
     if args.init and not Path(args.init).is_dir():
         p.error(f"--init {args.init}: no such folder")
+    if args.renoise and (not args.eval or any(not 0.0 <= v <= 1.0 for v in args.renoise)):
+        p.error(f"--renoise {' '.join(map(str, args.renoise))}: needs --eval N, and sigmas in [0, 1]")
     if args.export or args.eval or args.probe:
         teacher = load_teacher(out, args.preset)
         if args.probe:
@@ -239,7 +273,11 @@ def _main(argv=None) -> int:
         if args.export:
             export_teacher(teacher, Path(args.export), args.export_shard_mb, args.preset)
             print(args.export)
-        if args.eval:
+        if args.eval and args.renoise:
+            print(json.dumps({"renoise": renoise_eval(teacher, VideoVAE.from_folder(args.vae), preset, args.eval,
+                                                      args.frames, args.renoise, args.steps_sample, args.guidance,
+                                                      args.shift), "prompts": args.eval, "guidance": args.guidance}))
+        elif args.eval:
             print(json.dumps(evaluate(teacher, VideoVAE.from_folder(args.vae), preset, args.eval, args.frames,
                                       args.steps_sample, args.guidance, args.shift)))
         return 0

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from distill.ode_init import ODETask, TeacherForced, teacher_forcing_forward, trajectory_grid
-from distill.teacher import Teacher, sample
+from distill.teacher import Teacher, sample, sigma_schedule
 from engine.config import SamplerConfig, get_preset
 from engine.model import CausalWanModel
 from engine.sampler import sigmas as engine_sigmas
@@ -208,6 +208,8 @@ def test_training_clis_bad_input_one_line_exit_2(tmp_path, capsys):
         (ode_init.main, ["--teacher", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], "no checkpoint"),
         (train_teacher.main, ["--init", str(tmp_path / "nope"), "--out", str(tmp_path / "t")], "no such folder"),
         (ode_init.main, ["--eval", "2", "--eval-sparse", "0"], "--eval-sparse"),
+        (train_teacher.main, ["--renoise", "0.5", "--out", str(tmp_path / "t")], "needs --eval N"),
+        (train_teacher.main, ["--eval", "2", "--renoise", "1.5", "--out", str(tmp_path / "t")], "sigmas in [0, 1]"),
     ]
     for main, argv, needle in cases:
         try:
@@ -428,3 +430,54 @@ def test_prompt_probe_tells_a_used_word_from_an_ignored_one():
         torch.nn.init.zeros_(blk.attn2.to_out[0].weight), torch.nn.init.zeros_(blk.attn2.to_out[0].bias)
     for row in prompt_probe(teacher, Data(), n=8, sigmas=(0.8,))["loss"].values():
         assert len(set(row.values())) == 1
+
+
+def test_renoise_eval_samples_from_each_sigma_and_an_exact_denoiser_gets_the_clips_back():
+    """--renoise: a stand-in transformer that knows each clip's latent (velocity (x - z0) / sigma, found by the
+    clip's prompt embedding) brings every noise level back to the clips' own latents, through the batching and
+    CFG; the real (random) teacher does not. Sampling from sigma starts at sigma and follows the grid below it."""
+    from distill.data import ShapesClips
+    from distill.train_teacher import renoise_eval
+    from engine.vae import VideoVAE
+
+    preset = get_preset("tiny")
+    vae = VideoVAE.from_config(preset.vae, seed=0)
+    teacher = _randomise(Teacher.from_preset(preset, seed=3), 3).eval()
+    n, frames = 3, 9
+    prompts, video = ShapesClips(preset.width, preset.height, frames, seed=1234).videos(range(n))
+    assert len(set(prompts)) == n
+    z0, cond = vae.encode(video), teacher.text.encode(prompts)
+    decoded, first_sigma, inputs = [], [], []
+    decode = vae.decode
+    vae.decode = lambda z: decoded.append(z.clone()) or decode(z)
+
+    class Exact(torch.nn.Module):
+        def forward(self, x, t, encoder_hidden_states, return_dict):
+            rows = []
+            for j, e in enumerate(encoder_hidden_states):  # CFG: [cond rows, uncond rows] -> that clip
+                m = [i for i in range(n) if torch.equal(e, cond[i])]
+                rows.append(m[0] if m else rows[j - len(x) // 2])
+            first_sigma.append(float(t[0]) / 1000)
+            inputs.append(x[:len(x) // 2])  # the cond half
+            return ((x - z0[rows]) / (t.view(-1, 1, 1, 1, 1) / 1000),)
+
+    real = teacher.transformer
+    teacher.transformer = Exact()
+    res = renoise_eval(teacher, vae, preset, n, frames, [0.0, 0.37, 1.0], steps=6, guidance=4.0, shift=3.0, batch=2)
+    assert list(res) == ["0.0", "0.37", "1.0"] and all(0 <= r["adherence"] <= 1 for r in res.values())
+    assert len(decoded) == 6  # 2 batches at each sigma
+    for i in (0, 2, 4):  # sigma 0 decodes the clean latents; 0.37 and 1 come back to them
+        assert torch.allclose(torch.cat(decoded[i:i + 2]), z0, atol=1e-4)
+    assert res["0.37"]["adherence"] == pytest.approx(res["0.0"]["adherence"], abs=0.02)
+    noise = (inputs[0] - 0.63 * z0[:2]) / 0.37  # the first input is the clips noised to 0.37: unit Gaussian noise
+    assert abs(float(noise.mean())) < 0.1 and 0.9 < float(noise.std()) < 1.1
+    runs = [[first_sigma[0]]]  # one run of decreasing sigmas per batch
+    for v in first_sigma[1:]:
+        (runs[-1].append(v) if v < runs[-1][-1] else runs.append([v]))
+    grid = [float(v) for v in sigma_schedule(6, 3.0)[:-1]]
+    assert [r[0] for r in runs] == pytest.approx([0.37, 0.37, 1.0, 1.0])
+    assert runs[0][1:] == pytest.approx([v for v in grid if v < 0.37]) and runs[2] == pytest.approx(grid)
+
+    teacher.transformer, decoded[:] = real, []
+    renoise_eval(teacher, vae, preset, n, frames, [1.0], steps=6, guidance=4.0, shift=3.0, batch=2)
+    assert (torch.cat(decoded) - z0).abs().max() > 0.1

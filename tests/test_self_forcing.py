@@ -211,7 +211,7 @@ def _log(run):
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
-def test_cli_trains_resumes_exactly_and_exports_a_student(tmp_path):
+def test_cli_trains_resumes_exactly_and_exports_a_student(tmp_path, capsys):
     from engine.folder import load_model_folder
     from engine.pipeline import VideoGenerator
 
@@ -222,12 +222,22 @@ def test_cli_trains_resumes_exactly_and_exports_a_student(tmp_path):
     assert sf.main(common + ["--out", str(tmp_path / "full"), "--steps", "4"]) == 0
     assert sf.main(common + ["--out", str(tmp_path / "split"), "--steps", "2"]) == 0
     assert sf.main(common + ["--out", str(tmp_path / "split"), "--steps", "4"]) == 0
+    assert "ignoring changed" not in capsys.readouterr().err  # the same settings resume silently
     full, split = _log(tmp_path / "full"), _log(tmp_path / "split")
     assert [r["gen"] for r in full] == [1.0, 0.0, 1.0, 0.0]  # TTUR 2: the generator trains on every other step
     for key in ("loss", "critic", "dmd", "reward", "grad_norm_generator", "grad_norm_critic"):
         assert [r[key] for r in split] == [r[key] for r in full], key
     assert all(r["grad_norm_generator"] == 0.0 for r in full if not r["gen"])  # critic-only steps leave it alone
     assert all(0.0 <= r["reward"] <= 1.0 for r in full)
+
+    # an older run's dmd.json lacks the keys added since (None then): still silent; a changed setting is named
+    saved = json.loads((tmp_path / "split" / "dmd.json").read_text())
+    (tmp_path / "split" / "dmd.json").write_text(json.dumps({k: v for k, v in saved.items()
+                                                             if k not in ("prompts", "hybrid")}))
+    assert sf.main(common + ["--out", str(tmp_path / "split"), "--steps", "4"]) == 0
+    assert "ignoring changed" not in capsys.readouterr().err
+    assert sf.main(common[:-2] + ["--out", str(tmp_path / "split"), "--steps", "4"]) == 0  # no --reward-beta 2
+    assert "(ignoring changed dmd)" in capsys.readouterr().err
 
     out = tmp_path / "model"
     assert sf.main(["--out", str(tmp_path / "full"), "--export", str(out), "--quiet"]) == 0
@@ -445,6 +455,7 @@ def test_cli_gan_term_trains_on_real_clips_and_resumes_exactly(tmp_path, capsys)
     assert len(cache) == 5 and cache.latents.shape[2] >= 3 * get_preset("tiny").cache.frames_per_chunk
     assert sf.main(common + ["--out", str(tmp_path / "split"), "--steps", "2"]) == 0
     assert sf.main(common + ["--out", str(tmp_path / "split"), "--steps", "4"]) == 0
+    assert "ignoring changed" not in capsys.readouterr().err  # the same settings resume silently
     full, split = _log(tmp_path / "full"), _log(tmp_path / "split")
     for key in ("loss", "critic", "dmd", "disc", "d_acc", "gan", "grad_norm_generator", "grad_norm_critic"):
         assert [r[key] for r in split] == [r[key] for r in full], key
