@@ -260,7 +260,10 @@ def _main(argv=None) -> int:
     p.add_argument("--guidance", type=float, default=4.0)
     args = p.parse_args(argv)
     out = Path(args.out)
-    args.preset = args.preset or teacher_preset(out) or "shapes"
+    trained_as = teacher_preset(out)  # a run folder or an export says which preset it was trained for
+    if args.preset and trained_as and args.preset != trained_as:
+        p.error(f"--preset {args.preset}: {out} was trained for preset {trained_as}")
+    args.preset = args.preset or trained_as or "shapes"
     preset = get_preset(args.preset)
     if args.init and not Path(args.init).is_dir():
         p.error(f"--init {args.init}: no such folder")
@@ -302,6 +305,9 @@ def _main(argv=None) -> int:
         (teacher if same_text else teacher.transformer).load_state_dict(
             (init if same_text else init.transformer).state_dict(), strict=True)
     teacher = teacher.to(device)
+    if rank == 0:  # so --export, --eval and a resume know the preset without being told
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "teacher.json").write_text(json.dumps({"preset": args.preset}) + "\n")
     task = TeacherTask(data, teacher.text, args.p_uncond, args.shift, device, tuple(args.latent_lengths),
                        args.p_context)
     Trainer(teacher, task, config_from_args(args), out, device=device, resume=not args.no_resume,

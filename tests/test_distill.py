@@ -144,9 +144,13 @@ def test_training_pipeline_end_to_end_on_tiny(tmp_path):
     a, b = (train_teacher.load_teacher(tmp_path / d, "tiny") for d in ("teacher", "t_out"))
     # the export records its preset, and a command on the folder without --preset takes it from there
     assert train_teacher.teacher_preset(tmp_path / "t_out") == "tiny"
-    assert train_teacher.teacher_preset(tmp_path / "teacher") is None
-    assert train_teacher.main(["--quiet", "--out", str(tmp_path / "t_out"), "--export", str(tmp_path / "t_out2")]) == 0
-    assert train_teacher.teacher_preset(tmp_path / "t_out2") == "tiny"
+    assert train_teacher.teacher_preset(tmp_path / "teacher") == "tiny"  # so does the run folder
+    for src in ("t_out", "teacher"):
+        assert train_teacher.main(["--quiet", "--out", str(tmp_path / src), "--export", str(tmp_path / "t_out2")]) == 0
+        assert train_teacher.teacher_preset(tmp_path / "t_out2") == "tiny"
+    with pytest.raises(SystemExit) as e:  # another preset than the one it was trained for: a one-line error
+        train_teacher.main(["--quiet", "--preset", "shapes", "--out", str(tmp_path / "teacher"), "--eval", "1"])
+    assert e.value.code == 2
     x = torch.randn(1, 4, 2, 4, 4)
     emb = a.text.encode(["a red circle"])
     torch.testing.assert_close(b.text.encode(["a red circle"]), emb)
