@@ -42,8 +42,8 @@ test: $(STAMP)
 #    the teacher's text code and evaluated through the streaming engine (50 prompts and a 2-minute stream).
 # 5. Self-forcing DMD from it against the teacher (400 steps, EMA sink, rollouts of 3 or 6 chunks), exported into
 #    assets/shapes and evaluated (50 prompts and two 2-minute streams).
-# 6. The preview decoder (engine/preview.py) on the VAE's latents in two phases (constant lr, then a cosine-annealed
-#    one started from its export), exported into assets/shapes/preview and evaluated beside the VAE's own decoder
+# 6. The preview decoder (engine/preview.py) on the VAE's latents in three phases (constant lr, then two cosine-annealed
+#    ones, each started from the last one's export), exported into assets/shapes/preview and evaluated beside the VAE's own decoder
 #    (held-out PSNR, oracle, a 2-minute streaming decode, ms a frame).
 SHAPES_DESCRIPTION := Shapes model under construction: random transformer and text encoder (seed 0) until the last steps below replace them
 T2 := --preset shapes-t2
@@ -75,7 +75,9 @@ assets: $(STAMP)
 	$(BIN)/python -m distill.train_preview --vae assets/shapes/vae --out runs/preview-shapes --steps 800
 	$(BIN)/python -m distill.train_preview --out runs/preview-shapes --export runs/preview-shapes-800 --eval 0
 	$(BIN)/python -m distill.train_preview --vae assets/shapes/vae --init runs/preview-shapes-800 --out runs/preview-shapes-b --steps 400 --lr-schedule cosine --warmup 20 --ema 0.98 --seed 1
-	$(BIN)/python -m distill.train_preview --out runs/preview-shapes-b --export assets/shapes/preview
+	$(BIN)/python -m distill.train_preview --out runs/preview-shapes-b --export runs/preview-shapes-b-model --eval 0
+	$(BIN)/python -m distill.train_preview --vae assets/shapes/vae --init runs/preview-shapes-b-model --out runs/preview-c --steps 3000 --lr 1e-3 --lr-schedule cosine --warmup 20 --ema 0.99 --seed 2
+	$(BIN)/python -m distill.train_preview --out runs/preview-c --export assets/shapes/preview
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
