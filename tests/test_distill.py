@@ -477,7 +477,10 @@ def test_renoise_eval_samples_from_each_sigma_and_an_exact_denoiser_gets_the_cli
     assert abs(float(noise.mean())) < 0.1 and 0.9 < float(noise.std()) < 1.1
     runs = [[first_sigma[0]]]  # one run of decreasing sigmas per batch
     for v in first_sigma[1:]:
-        (runs[-1].append(v) if v < runs[-1][-1] else runs.append([v]))
+        if v < runs[-1][-1]:
+            runs[-1].append(v)
+        else:
+            runs.append([v])
     grid = [float(v) for v in sigma_schedule(6, 3.0)[:-1]]
     assert [r[0] for r in runs] == pytest.approx([0.37, 0.37, 1.0, 1.0])
     assert runs[0][1:] == pytest.approx([v for v in grid if v < 0.37]) and runs[2] == pytest.approx(grid)
