@@ -194,7 +194,7 @@ def evaluate_engine(model_path, n: int = 50, seconds: float = 2.0, stream_second
            "checks": check_means(reports),
            **motion_summary(reports, prompts), "sparse_topk": cache.sparse_topk, "sink": cache.sink,
            "decoder": "preview" if preview else "vae"}
-    if stream_seconds:  # long streams: the first and the last 10 s, and how the last one moves
+    if stream_seconds and streams > 0:  # long streams: the first and the last 10 s, and how the last one moves
         w, firsts, lasts, tails = 10 * gen.fps, [], [], []
         for i, p in enumerate(prompts[:streams]):
             v = video(p, int(stream_seconds * gen.fps), seed + i)
@@ -247,6 +247,12 @@ def _main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.eval_sparse is not None and not 0.0 < args.eval_sparse <= 1.0:
         p.error(f"--eval-sparse {args.eval_sparse}: must lie in (0, 1]")
+    for flag, v in (("--eval", args.eval), ("--num-pairs", args.num_pairs), ("--latent-frames", args.latent_frames),
+                    ("--substeps", args.substeps)):
+        if v is not None and v < 1:
+            p.error(f"{flag} must be >= 1, got {v}")
+    if not args.stream_seconds >= 0:
+        p.error(f"--stream-seconds must be >= 0, got {args.stream_seconds}")
     preset = get_preset(args.preset)
     sampler = preset.sampler
     if args.export:

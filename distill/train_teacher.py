@@ -267,6 +267,16 @@ def _main(argv=None) -> int:
     preset = get_preset(args.preset)
     if args.init and not Path(args.init).is_dir():
         p.error(f"--init {args.init}: no such folder")
+    t = preset.vae.scale_factor_temporal
+    if args.frames < 1 or (args.frames - 1) % t:
+        p.error(f"--frames {args.frames}: must be 1 + {t}k (the VAE's framing for preset {preset.name})")
+    for flag, v in (("--clips", args.clips), ("--eval", args.eval), ("--probe", args.probe),
+                    ("--steps-sample", args.steps_sample)):
+        if v is not None and v < 1:
+            p.error(f"{flag} must be >= 1, got {v}")
+    if not (args.shift > 0 and 0.0 <= args.p_uncond <= 1.0 and args.render_workers >= 0):
+        p.error(f"--shift must be positive, --p-uncond in [0, 1] and --render-workers >= 0 (got {args.shift}, "
+                f"{args.p_uncond} and {args.render_workers})")
     if args.renoise and (not args.eval or any(not 0.0 <= v <= 1.0 for v in args.renoise)):
         p.error(f"--renoise {' '.join(map(str, args.renoise))}: needs --eval N, and sigmas in [0, 1]")
     if args.export or args.eval or args.probe:

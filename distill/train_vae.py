@@ -115,6 +115,10 @@ class VAETask:
     def loss(self, model, video, gen):
         video = video.to(self.device)
         rec, kl = model(video, gen)
+        return self.pixel_loss(rec, kl, video)
+
+    def pixel_loss(self, rec: torch.Tensor, kl: torch.Tensor, video: torch.Tensor):
+        """(loss, logs) of a reconstruction rec of video, both [B, 3, T, H, W] in [-1, 1]; kl the model's term."""
         w = self.weights(video)
         err = rec - video
         l1 = (w * err.abs()).mean() / w.mean()
@@ -241,6 +245,8 @@ def _main(argv=None) -> int:
     preset = get_preset(args.preset)
     if any((n - 1) % 4 for n in [args.frames, *args.lengths]):
         p.error("--frames and --lengths must be 1 + 4k")
+    if args.eval < 0 or not args.eval_stream >= 0:
+        p.error(f"--eval and --eval-stream must be >= 0 (0: skip), got {args.eval} and {args.eval_stream}")
     if args.halo_px < 1 or args.halo_weight < 0:
         p.error(f"--halo-px must be >= 1 and --halo-weight >= 0 (got {args.halo_px} and {args.halo_weight})")
     torch.set_num_threads(max(1, torch.get_num_threads()))

@@ -71,8 +71,17 @@ class TrainConfig:
             raise ValueError("TrainConfig.steps and warmup_steps must be >= 0")
         if self.amp not in ("none", "bf16"):
             raise ValueError(f"TrainConfig.amp must be 'none' or 'bf16', not {self.amp!r}")
-        if self.max_minutes is not None and self.max_minutes < 0:
+        # `not x >= 0` rather than `x < 0`: nan fails every comparison and must not pass as a setting
+        if self.max_minutes is not None and not self.max_minutes >= 0:
             raise ValueError(f"TrainConfig.max_minutes must be >= 0, got {self.max_minutes}")
+        if not (math.isfinite(self.lr) and self.lr >= 0 and math.isfinite(self.weight_decay)
+                and self.weight_decay >= 0):
+            raise ValueError(f"TrainConfig.lr and weight_decay must be finite and >= 0, got {self.lr} and "
+                             f"{self.weight_decay}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"TrainConfig.grad_clip must be positive or None (no clipping), got {self.grad_clip}")
+        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
+            raise ValueError(f"TrainConfig.ema_decay must lie in [0, 1), got {self.ema_decay}")
 
 
 class Task(Protocol):
@@ -584,6 +593,6 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults) -> argparse.Argu
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     kw = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
-    if kw.get("grad_clip") is not None and kw["grad_clip"] <= 0:
+    if kw.get("grad_clip") is not None and kw["grad_clip"] <= 0:  # "<= 0 disables" (nan stays, and is refused)
         kw["grad_clip"] = None
     return TrainConfig(**kw)

@@ -118,10 +118,11 @@ def main(argv=None) -> int:
         parser.error(f"--port must be <= 65535, got {a.port}")
     if a.threads is not None and a.threads <= 0:
         parser.error("--threads must be positive")
-    for flag, v in (("--start-timeout", a.start_timeout), ("--pause-timeout", a.pause_timeout),
-                    ("--max-session-seconds", a.max_session_seconds)):
-        if v < 0:
-            parser.error(f"{flag} must be >= 0, got {v}")
+    for flag, v in (("--start-timeout", a.start_timeout), ("--pause-timeout", a.pause_timeout)):
+        if not v > 0:  # also nan; 0 would close every connection at once
+            parser.error(f"{flag} must be a positive number of seconds, got {v}")
+    if not a.max_session_seconds >= 0:
+        parser.error(f"--max-session-seconds must be >= 0 (0 = no limit), got {a.max_session_seconds}")
     if a.stub and a.compile:
         parser.error("--compile needs a model: it cannot go with --stub")
     if a.stub and a.fp8:

@@ -190,6 +190,9 @@ def test_training_pipeline_end_to_end_on_tiny(tmp_path):
     res = {f: ode_init.evaluate_engine(out, n=2, seconds=1.0, quiet=True, sparse_topk=f) for f in (None, 0.25)}
     assert res[None]["sparse_topk"] is None and res[0.25]["sparse_topk"] == 0.25
     assert all(0.0 <= r["adherence"] <= 1.0 and r["prompts"] == 2 for r in res.values())
+    # streams: the long ones are scored when asked for (--streams 0 asks for none)
+    r = {k: ode_init.evaluate_engine(out, n=1, seconds=1.0, stream_seconds=11.0, streams=k, quiet=True) for k in (0, 1)}
+    assert "stream_last_10s" not in r[0] and 0.0 <= r[1]["stream_last_10s"] <= 1.0 and r[1]["stream_prompts"]
     # and through a preview decoder (a random one: the evaluation runs, and says which decoder it used)
     from engine.preview import PreviewConfig, PreviewDecoder
 
@@ -206,6 +209,7 @@ def test_training_clis_bad_input_one_line_exit_2(tmp_path, capsys):
     cases = [
         (train_vae.main, ["--frames", "6"], "1 + 4k"),
         (train_vae.main, ["--halo-px", "0"], "--halo-px must be >= 1"),
+        (train_vae.main, ["--eval", "-1"], "--eval and --eval-stream must be >= 0"),
         (train_vae.main, ["--freeze-encoder", "--out", str(tmp_path / "v")], "needs --init"),
         (train_teacher.main, ["--vae", str(tmp_path / "nope"), "--latents", str(tmp_path / "l.safetensors"),
                               "--out", str(tmp_path / "t")], "not a VAE folder"),
@@ -214,6 +218,12 @@ def test_training_clis_bad_input_one_line_exit_2(tmp_path, capsys):
         (ode_init.main, ["--eval", "2", "--eval-sparse", "0"], "--eval-sparse"),
         (train_teacher.main, ["--renoise", "0.5", "--out", str(tmp_path / "t")], "needs --eval N"),
         (train_teacher.main, ["--eval", "2", "--renoise", "1.5", "--out", str(tmp_path / "t")], "sigmas in [0, 1]"),
+        (train_teacher.main, ["--frames", "0", "--out", str(tmp_path / "t")], "--frames 0: must be 1 + 4k"),
+        (train_teacher.main, ["--preset", "shapes-t2", "--frames", "4", "--out", str(tmp_path / "t")], "1 + 2k"),
+        (train_teacher.main, ["--eval", "0", "--out", str(tmp_path / "t")], "--eval must be >= 1"),
+        (train_teacher.main, ["--shift", "0", "--out", str(tmp_path / "t")], "--shift must be positive"),
+        (ode_init.main, ["--eval", "-1"], "--eval must be >= 1"),
+        (ode_init.main, ["--stream-seconds", "nan", "--eval", "2"], "--stream-seconds must be >= 0"),
     ]
     for main, argv, needle in cases:
         try:

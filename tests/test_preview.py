@@ -235,3 +235,73 @@ def test_train_preview_cli_trains_resumes_and_exports(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(common + ["--out", str(tmp_path / "bad"), "--frames", "6"])
     assert e.value.code == 2 and "--frames must be 1 + 4k" in capsys.readouterr().err
+
+
+def test_train_preview_on_a_students_own_latents(tmp_path, capsys):
+    """--student MODEL: the student's latents, generated through the streaming engine and decoded by the VAE, are
+    cached in the run and mixed into the batches (the fraction asked for, the VAE's frames as the targets); a run
+    split in two equals one run; the export evaluates on held-out student latents; p 0 batches are VAETask's."""
+    import json
+
+    import numpy as np
+
+    from distill.data import ShapesClips, to_tensor
+    from distill.train_preview import STUDENT_SET, PreviewTask, StudentSet, main, student_latents
+    from distill.train_vae import VAETask
+    from engine.folder import load_model_folder
+    from engine.init_model import random_model_folder
+
+    random_model_folder("tiny", tmp_path / "m", seed=1, weights_dtype=torch.float32)
+    common = ["--vae", str(tmp_path / "m" / "vae"), "--size", "32", "32", "--frames", "9", "--batch-size", "4",
+              "--channels", "8", "8", "6", "6", "--blocks", "1", "--quiet", "--log-every", "1", "--ckpt-every", "2",
+              "--student", str(tmp_path / "m"), "--student-clips", "5", "--p-student", "0.5"]
+    assert main(common + ["--out", str(tmp_path / "full"), "--steps", "4"]) == 0
+    assert main(common + ["--out", str(tmp_path / "split"), "--steps", "2"]) == 0
+    assert main(common + ["--out", str(tmp_path / "split"), "--steps", "4"]) == 0
+    logs = [[json.loads(x)["loss"] for x in (tmp_path / d / "log.jsonl").read_text().splitlines()]
+            for d in ("full", "split")]
+    assert len(logs[0]) == 4 and logs[0] == logs[1]
+
+    # the cached set: 5 clips of 3 latent frames (9 video frames), each target the VAE's decode of its latents
+    st = StudentSet(tmp_path / "full" / STUDENT_SET)
+    assert len(st) == 5 and st.latents.shape == (5, 4, 3, 4, 4) and st.frames.shape == (5, 9, 32, 32, 3)
+    vae = load_model_folder(tmp_path / "m").vae
+    with torch.no_grad():
+        again = vae.decode(st.latents[3:4])
+    assert (to_tensor(st.frames[3:4]) - again).abs().max() <= 1 / 127.5 + 1e-6  # uint8 rounding
+    # the latents are the engine's own: one stream's first half is what VideoGenerator makes of its prompt and seed
+    from engine.pipeline import VideoGenerator
+
+    prompts, z, frames = student_latents(tmp_path / "m", 2, 3, seed=7, batch=1)
+    assert z.shape == (2, 4, 3, 4, 4) and frames.shape == (2, 9, 32, 32, 3) and prompts[0] == prompts[1]
+    assert not torch.equal(z[0], z[1])  # the two halves of one stream: its start and its continuation
+    run = VideoGenerator(load_model_folder(tmp_path / "m")).run([(0, prompts[0])], 9, seed=7 * 1_000_003)
+    engine_frames = np.concatenate([c.frames for c in run])
+    assert engine_frames.shape == frames[0].shape
+    assert np.abs(engine_frames.astype(int) - frames[0]).max() <= 1  # streaming decode vs whole: rounding
+
+    # batches: about half of the clips are the student's, rendered clips first; with p 0 they are VAETask's
+    clips = ShapesClips(32, 32, 9, seed=0)
+    task = PreviewTask(clips, "cpu", st, 0.5)
+    flags = [task.is_student(i) for i in range(1000)]
+    assert abs(sum(flags) / 1000 - 0.5) < 0.01
+    ids = list(range(8, 16))
+    b = task.batch(ids)
+    own = [i for i in ids if task.is_student(i)]
+    assert 0 < len(own) < 8 and b["z"].shape[0] == len(own) and b["video"].shape[0] == 8
+    assert torch.equal(b["z"], st.latents[[i % 5 for i in own]])
+    assert torch.equal(b["video"][8 - len(own):], to_tensor(st.frames[[i % 5 for i in own]]))
+    plain = PreviewTask(clips, "cpu", None, 0.5).batch(ids)
+    assert plain["z"] is None and torch.equal(plain["video"], VAETask(clips, 0.0, "cpu").batch(ids))
+
+    capsys.readouterr()
+    assert main(["--out", str(tmp_path / "full"), "--export", str(tmp_path / "pv"), "--eval", "2",
+                 "--eval-stream", "0"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["student_latents"]
+    assert res["clips"] == 2 and np.isfinite(res["psnr_db_vs_vae"]) and 0 <= res["preview"]["adherence"] <= 1
+    with pytest.raises(SystemExit) as e:
+        main(common + ["--out", str(tmp_path / "bad"), "--p-student", "1.5"])
+    assert e.value.code == 2 and "--p-student in [0, 1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(common + ["--out", str(tmp_path / "bad"), "--size", "0", "0"])
+    assert e.value.code == 2 and "multiples of the VAE's stride 8" in capsys.readouterr().err

@@ -259,6 +259,11 @@ def test_cli_bad_input_one_line_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         sf.main(["--sink", "sometimes"])
     assert e.value.code == 2
+    for bad in (["--streams", "-1"], ["--stream-seconds", "nan"], ["--eval-steps", "0"], ["--eval", "-1"]):
+        with pytest.raises(SystemExit) as e:
+            sf.main(["--eval", "2", *bad])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "--streams and --stream-seconds must be >= 0" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])

@@ -260,3 +260,10 @@ def test_lr_schedule_and_cli():
     assert args.out == "runs/x" and args.no_resume and not args.quiet
     with pytest.raises(ValueError, match="lr_schedule"):
         TrainConfig(steps=1, lr_schedule="linear")
+    # numbers no run can mean, nan included (it passes every `x < 0` check), are refused by name
+    for flags, field in ((["--lr", "-1"], "lr"), (["--lr", "nan"], "lr"), (["--weight-decay", "inf"], "weight_decay"),
+                         (["--grad-clip", "nan"], "grad_clip"), (["--ema", "1"], "ema_decay"),
+                         (["--ema", "-0.5"], "ema_decay"), (["--max-minutes", "nan"], "max_minutes")):
+        with pytest.raises(ValueError, match=field):
+            config_from_args(parser.parse_args(flags))
+    assert config_from_args(parser.parse_args(["--ema", "0", "--lr", "0"])).ema_decay == 0.0  # edge values pass
