@@ -295,6 +295,9 @@ def _main(argv=None) -> int:
     student = None
     if st := settings.get("student"):
         student = load_student_set(out, st, 1 + (args.frames - 1) // vae.temporal, args.seed, rank, args.quiet)
+        if student.latents.shape[1] != vae.z_dim:
+            raise ValueError(f"{st['model']}: its latents have {student.latents.shape[1]} channels, the VAE "
+                             f"{args.vae} {vae.z_dim}: the preview must decode the student's own VAE's latents")
         if student.frames.shape[1:4] != (args.frames, settings["size"][1], settings["size"][0]):
             raise ValueError(f"{out / STUDENT_SET}: clips of {student.frames.shape[1]} frames at "
                              f"{student.frames.shape[3]}x{student.frames.shape[2]}, the run trains on {args.frames} at "

@@ -305,3 +305,11 @@ def test_train_preview_on_a_students_own_latents(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(common + ["--out", str(tmp_path / "bad"), "--size", "0", "0"])
     assert e.value.code == 2 and "multiples of the VAE's stride 8" in capsys.readouterr().err
+    # a VAE other than the student's (8 latent channels against its 4): one line, exit 2
+    from engine.config import get_preset
+    from engine.vae import VideoVAE
+
+    VideoVAE.from_config(get_preset("shapes").vae).save(tmp_path / "other-vae")
+    assert main(common + ["--out", str(tmp_path / "other"), "--steps", "1", "--vae", str(tmp_path / "other-vae")]) == 2
+    err = capsys.readouterr().err
+    assert "latents have 4 channels, the VAE" in err and err.count("\n") == 1
