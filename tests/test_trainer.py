@@ -44,7 +44,7 @@ def _popen(args, out, kill_at=None, torchrun=False):
 
 
 def _wait(proc):
-    out, _ = proc.communicate(timeout=120)
+    out, _ = proc.communicate(timeout=300)  # generous: a loaded machine runs 4 processes on 2 cores
     return proc.returncode, out
 
 
