@@ -25,7 +25,6 @@ where its attention would not fit in this machine's memory (the JSON says how mu
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import resource
@@ -39,6 +38,7 @@ import torch
 
 from benchmarks import git_sha
 from benchmarks.oracle import adherence
+from engine.cli import OneLineParser
 from engine.folder import ModelLoadError, load_model_folder
 from engine.pipeline import VideoGenerator, _sync
 
@@ -370,7 +370,7 @@ def pipeline_system(a, model, frames: int) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a run under 2 minutes on a 2-core CPU")
     p.add_argument("--json", help="write machine-readable results here")
     p.add_argument("--plot", help="write figures (PNG) here")
@@ -387,6 +387,8 @@ def main(argv=None) -> int:
                    help="also time the engine with torch.compile (blocks and VAE decoder; needs a C++ compiler on "
                         "the CPU; compilation is reported as warmup_s, not in the timings)")
     a = p.parse_args(argv)
+    if a.threads < 1 or any(not s > 0 for s in a.seconds or []):
+        p.error(f"--threads must be >= 1 and --seconds positive (got {a.threads} and {a.seconds})")
     torch.set_num_threads(a.threads)
     dtype = getattr(torch, a.dtype)
     model_arg = a.model

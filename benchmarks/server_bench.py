@@ -20,7 +20,6 @@ start; median of --first-frame-runs) and for a session that joins while N-1 othe
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -33,6 +32,7 @@ import torch
 from websockets.asyncio.client import connect
 
 from benchmarks.__main__ import device_info, git_sha, peak_rss_mb
+from engine.cli import OneLineParser
 from engine.folder import ModelLoadError, load_model_folder
 from server.app import App, Config
 from server.batching import EngineBackend
@@ -230,7 +230,7 @@ async def bench(a) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.server_bench", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="python -m benchmarks.server_bench", description=__doc__.splitlines()[0])
     p.add_argument("--model", help="model folder or name in assets/ (default: the shipped model)")
     p.add_argument("--sessions", default="1,2,4,8", help="comma-separated session counts (default 1,2,4,8)")
     p.add_argument("--seconds", type=float, default=12.0, help="measured seconds per configuration")
@@ -246,8 +246,10 @@ def main(argv=None) -> int:
         sizes = [int(x) for x in a.sessions.split(",")]
     except ValueError:
         p.error(f"--sessions: expected comma-separated integers, got {a.sessions!r}")
-    if not sizes or min(sizes) < 1 or a.seconds <= 0 or a.warmup_seconds < 0 or a.first_frame_runs < 1:
-        p.error("--sessions must be positive, --seconds > 0, --warmup-seconds >= 0, --first-frame-runs >= 1")
+    if (not sizes or min(sizes) < 1 or not a.seconds > 0 or not a.warmup_seconds >= 0 or a.first_frame_runs < 1
+            or (a.threads is not None and a.threads < 1)):
+        p.error("--sessions must be positive, --seconds > 0, --warmup-seconds >= 0, --first-frame-runs >= 1, "
+                "--threads >= 1")
     if a.threads:
         torch.set_num_threads(a.threads)
     import logging

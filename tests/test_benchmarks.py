@@ -2,8 +2,11 @@
 tiny preset writes the contract's JSON fields for every system, with the oracle beside each speed."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
+import pytest
 import torch
 
 from engine.config import get_preset
@@ -166,3 +169,15 @@ def test_delivery_stages_encode_and_carry_every_frame():
     assert all(d[k]["mean"] > 0 for k in ("jpeg_encode", "h264_encode", "websocket"))
     assert d["jpeg_kb_per_frame"] > 0 and d["h264_kbit_per_s"] > 0
     assert len(websocket_ms(chunks)) == 3
+
+
+@pytest.mark.parametrize("module,args,needle", [
+    ("benchmarks", ["--threads", "0"], "--threads must be >= 1"),
+    ("benchmarks", ["--seconds", "10", "nan"], "--seconds positive"),
+    ("benchmarks.server_bench", ["--threads", "-1"], "--threads >= 1"),
+    ("benchmarks.server_bench", ["--seconds", "nan"], "--seconds > 0"),
+])
+def test_benchmark_clis_refuse_bad_numbers_in_one_line(module, args, needle):
+    p = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and needle in p.stderr, p.stderr
+    assert len(p.stderr.splitlines()) == 1 and "Traceback" not in p.stderr
