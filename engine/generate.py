@@ -9,6 +9,7 @@ Bad arguments, an unreadable model or an unwritable --out exit with status 2 and
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 import time
@@ -61,8 +62,8 @@ def main(argv=None) -> int:
     a = parser.parse_args(argv)
     if a.frames is not None and a.frames <= 0:
         parser.error(f"--frames must be positive, got {a.frames}")
-    if a.seconds is not None and a.seconds <= 0:
-        parser.error(f"--seconds must be positive, got {a.seconds}")
+    if a.seconds is not None and not 0 < a.seconds < math.inf:  # nan and inf too
+        parser.error(f"--seconds must be a positive, finite number, got {a.seconds}")
     if len(a.prompt) != len(a.switch_at) + 1:
         parser.error(f"{len(a.prompt)} prompts need {len(a.prompt) - 1} --switch-at frames, got {len(a.switch_at)}")
     if any(not p.strip() for p in a.prompt):

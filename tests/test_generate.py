@@ -231,6 +231,8 @@ BAD = [
     ("negative-frames", ["--frames", "-3"], "out.mp4"),
     ("zero-frames", ["--frames", "0"], "out.mp4"),
     ("zero-seconds", ["--seconds", "0"], "out.mp4"),
+    ("nan-seconds", ["--seconds", "nan"], "out.mp4"),
+    ("infinite-seconds", ["--seconds", "inf"], "out.mp4"),
     ("missing-model", ["--model", "no/such/model-folder"], "out.mp4"),
     ("out-under-a-file", [], "afile/x.mp4"),
     ("out-under-a-file-png", [], "afile/frames"),
