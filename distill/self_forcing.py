@@ -586,8 +586,8 @@ def _main(argv=None) -> int:
                    help="--eval decoding with the model's preview decoder (engine/preview.py) instead of the VAE's")
     args = p.parse_args(argv)
     out = Path(args.out)
-    if (args.streams < 0 or not args.stream_seconds >= 0 or any(v is not None and v < 1 for v in (args.eval,
-                                                                                               args.eval_steps))):
+    counts = [v for v in (args.eval, args.eval_steps) if v is not None]
+    if args.streams < 0 or not args.stream_seconds >= 0 or any(v < 1 for v in counts):
         p.error(f"--streams and --stream-seconds must be >= 0, --eval and --eval-steps >= 1 (got {args.streams}, "
                 f"{args.stream_seconds}, {args.eval} and {args.eval_steps})")
     if args.export or args.eval:
