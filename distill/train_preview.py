@@ -89,13 +89,7 @@ def student_latents(model_path, count: int, latent_frames: int, seed: int, batch
         stream = Stream(model.transformer, model.preset, batch=len(ps))
         stream.set_prompt(model.text.encode(ps))
         gen = torch.Generator().manual_seed(seed * 1_000_003 + s)
-        zs, last = [], None
-        for c in range(chunks):
-            if last is not None:
-                stream.commit(last)
-            last = stream.sample_chunk(gen)
-            zs.append(last)
-        z = torch.cat(zs, dim=2)
+        z = torch.cat([stream.next_chunk(gen) for _ in range(chunks)], dim=2)
         for half in (z[:, :, :latent_frames], z[:, :, latent_frames: 2 * latent_frames]):
             out_z.append(half.half())
             out_f.append(to_uint8(model.vae.decode(half)))
