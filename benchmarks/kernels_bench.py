@@ -3,6 +3,7 @@
     python -m benchmarks.kernels_bench                      # CUDA if present, else the CPU part
     python -m benchmarks.kernels_bench --json benchmarks/results/kernels-h100.json
     python -m benchmarks.kernels_bench --cpu --quick        # CPU only, small
+    python -m benchmarks.kernels_bench --frames 9 21 --sweep   # + launch settings of the Triton kernels
 
 CUDA (bf16, Wan2.1-1.3B self-attention of one chunk: B=1, H=12, D=128, 4,680 queries = 3 latent frames of
 1,560 tokens, keys = 9..21 latent frames, 64x64 blocks, 20% of the key blocks per query block by pooled score):
@@ -83,7 +84,69 @@ def flex_block_mask(table: BlockTable, B, H):
     return BlockMask.from_kv_blocks(cnt, idx, BLOCK_SIZE=(bm, bn), mask_mod=mask_mod, seq_lengths=(t.q_len, Lk))
 
 
-def bench_cuda(frames_list, density, block, reps, dims=WAN, dev="cuda") -> list[dict]:
+SWEEP = {  # --sweep: the launch settings tried ("full"; "small" for --dry-run)
+    "full": dict(block_m=(64, 128), warps=(4, 8), stages=(1, 2, 3, 4),
+                 readout_block_m=(32, 64, 128), readout_block_dv=(32, 64, 128), readout_warps=(4, 8)),
+    "small": dict(block_m=(16, 32), warps=(4,), stages=(2,), readout_block_m=(16,), readout_block_dv=(8, 16),
+                  readout_warps=(4,)),
+}
+
+
+def sweep_launch(q, k, v, M, z, block, density, timer, reps, which: str) -> dict:
+    """Times the Triton forward over query-block sizes (each its own table: selection per query block) x warps
+    x pipeline stages, and the read-out over its tiles and warps; each with its error against the fp32 torch
+    path, so a fast but wrong setting shows. Also the best of each, against the defaults' times."""
+    from kernels import block_sparse_triton as tri
+    from kernels import linear_memory_triton as ltri
+    from kernels.linear_memory import EPS
+
+    cfg = SWEEP[which]
+    B, H, _, D = q.shape
+    fwd = []
+    for bm in cfg["block_m"]:
+        t = select_blocks(q, k, bm, block, density).expand(B, H)
+        ref = block_sparse_attention_torch(q.float(), k.float(), v.float(), t)
+        for w in cfg["warps"]:
+            for st in cfg["stages"]:
+                entry = {"block_m": bm, "block_n": block, "warps": w, "stages": st, "density": t.density()}
+
+                def call(t=t, bm=bm, w=w, st=st):
+                    return tri.forward(q, k, v, t.kv_idx, t.kv_cnt, bm, block, D ** -0.5, num_warps=w,
+                                       num_stages=st)[0]
+                try:
+                    entry["max_err"] = (call().float() - ref).abs().max().item()
+                    entry["fwd_ms"] = timer(call, reps=reps)
+                except Exception as e:  # a setting a chip cannot compile (shared memory): recorded, not fatal
+                    entry["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                fwd.append(entry)
+                print(json.dumps({"sweep_fwd": entry}), flush=True)
+    ro = []
+    ref = readout(q, M, z, impl="torch").float()
+    for bm in cfg["readout_block_m"]:
+        for dv in cfg["readout_block_dv"]:
+            for w in cfg["readout_warps"]:
+                entry = {"block_m": bm, "block_dv": dv, "warps": w}
+
+                def call(bm=bm, dv=dv, w=w):
+                    return ltri.readout_forward(q, M, z, EPS, block_m=bm, block_dv=dv, num_warps=w)
+                try:
+                    entry["max_rel_err"] = ((call().float() - ref).abs().max() / ref.abs().max()).item()
+                    entry["ms"] = timer(call, reps=reps)
+                except Exception as e:
+                    entry["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                ro.append(entry)
+                print(json.dumps({"sweep_readout": entry}), flush=True)
+    out = {"sweep_fwd": fwd, "sweep_readout": ro}
+    ok = [e for e in fwd if "fwd_ms" in e]
+    if ok:
+        out["sweep_fwd_best"] = min(ok, key=lambda e: e["fwd_ms"])
+    ok = [e for e in ro if "ms" in e]
+    if ok:
+        out["sweep_readout_best"] = min(ok, key=lambda e: e["ms"])
+    return out
+
+
+def bench_cuda(frames_list, density, block, reps, dims=WAN, dev="cuda", sweep: str | None = None) -> list[dict]:
     """dev="cpu" (--dry-run): the same code at toy sizes, fp32, Triton interpreted, flex eager."""
     import torch.nn.functional as F
     from torch.nn.attention.flex_attention import flex_attention
@@ -169,6 +232,8 @@ def bench_cuda(frames_list, density, block, reps, dims=WAN, dev="cuda") -> list[
         if "flex_sparse_fwd_ms" in row:
             row["speedup_flex_vs_sdpa_fwd"] = row["sdpa_dense_fwd_ms"] / row["flex_sparse_fwd_ms"]
         row["readout_fraction_of_window_attn"] = row["readout_ms"] / row["triton_sparse_fwd_ms"]
+        if sweep:
+            row.update(sweep_launch(q, k, v, M, z, block, density, timer, reps, sweep))
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -242,6 +307,9 @@ def main(argv=None):
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--threads", type=int, help="torch CPU threads")
     ap.add_argument("--git-sha", help="the commit measured (default: this checkout's; a device copy has no .git)")
+    ap.add_argument("--sweep", action="store_true",
+                    help="CUDA: also time the Triton forward and read-out over launch settings (block sizes, "
+                         "warps, pipeline stages), each checked against the torch path")
     ap.add_argument("--dry-run", action="store_true",
                     help="run the CUDA benchmark's code on the CPU at toy sizes (checks the script, times nothing)")
     ap.add_argument("--process-time", action="store_true",
@@ -265,13 +333,15 @@ def main(argv=None):
     if args.dry_run:
         toy = dict(B=1, H=2, D=16, tokens_per_frame=16, chunk_frames=3)
         result["device"] = "cpu (dry run)"
-        result["cuda"] = bench_cuda([4, 6], args.density, 16, reps=1, dims=toy, dev="cpu")
+        result["cuda"] = bench_cuda([4, 6], args.density, 16, reps=1, dims=toy, dev="cpu",
+                                    sweep="small" if args.sweep else None)
     elif torch.cuda.is_available() and not args.cpu:
         result["device"] = torch.cuda.get_device_name()
         frames = args.frames[:2] if args.quick else args.frames
         result["cuda"] = []
         for f in frames:  # written after each shape: a later failure or timeout keeps the earlier rows
-            result["cuda"] += bench_cuda([f], args.density, args.block, reps=10 if args.quick else 30)
+            result["cuda"] += bench_cuda([f], args.density, args.block, reps=10 if args.quick else 30,
+                                         sweep="full" if args.sweep else None)
             if args.json:
                 args.json.parent.mkdir(parents=True, exist_ok=True)
                 args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKLWan
 
 from engine.cli import OneLineParser, one_line_errors
-from engine.config import get_preset
+from engine.config import VAEConfig, get_preset
 from engine.vae import VideoVAE
 
 from .data import ShapesClips, to_tensor
@@ -148,6 +148,44 @@ def load_matching(model: nn.Module, state: dict) -> list[str]:
 
 
 @torch.no_grad()
+def widen_decoder(vae: AutoencoderKLWan, old: dict, scale: float = 0.1) -> list[str]:
+    """Loads a narrower decoder's tensors (`old`, a VAE state dict) into `vae`'s wider decoder so that it
+    decodes (nearly) as the narrow one did; returns the names of the decoder's tensors that were widened.
+
+    Every tensor's old values go into its leading slice (per group where a tensor stacks several: to_qkv's
+    q, k, v rows, and an upsampler's time_conv, whose rows are the two frames' channels). The new channels read
+    the old ones through `scale` x their fresh initialisation, and nothing reads them yet (their columns start at
+    zero), so they begin small and learn. Tensors `old` lacks are left as they are. Two corrections keep the function: Wan's RMS norm multiplies by
+    sqrt(channels), so every gamma is scaled by sqrt(old / new); attention divides q.k by sqrt(channels), so the
+    old q rows are scaled by sqrt(new / old). With scale 0 the wide decoder equals the narrow one exactly."""
+    own = vae.decoder.state_dict()
+    widened = []
+    for name, new in own.items():
+        src = old.get("decoder." + name)
+        if src is None or src.shape == new.shape:  # absent: stays fresh; same shape: load_matching's
+            continue
+        if src.ndim != new.ndim or any(a > b for a, b in zip(src.shape, new.shape)):
+            raise ValueError(f"decoder.{name}: {tuple(src.shape)} does not fit into {tuple(new.shape)}")
+        groups = 3 if "to_qkv" in name else 2 if "time_conv" in name else 1
+        if name.endswith("gamma"):
+            g = torch.ones_like(new)
+            g[: src.shape[0]] = src
+            new.copy_(g * math.sqrt(src.shape[0] / new.shape[0]))
+        else:
+            out = new * scale if new.ndim > 1 else torch.zeros_like(new)  # weights: small fresh rows; biases: 0
+            if new.ndim > 1:
+                out[:, src.shape[1]:] = 0.0  # the new input channels are read by nothing yet
+            o, n = src.shape[0] // groups, new.shape[0] // groups
+            for g in range(groups):
+                out[(slice(g * n, g * n + o),) + tuple(slice(0, d) for d in src.shape[1:])] = src[g * o:(g + 1) * o]
+            if groups == 3:  # the q rows
+                out[:o] *= math.sqrt(n / o)
+            new.copy_(out)
+        widened.append(name)
+    return widened
+
+
+@torch.no_grad()
 def latent_stats(vae: VideoVAE, clips: ShapesClips, count: int = 64) -> tuple[list[float], list[float]]:
     """Per-channel mean/std of the posterior means over `count` clips."""
     mus = [vae.vae.encode(clips.videos(range(i, i + 8))[1]).latent_dist.mean for i in range(0, count, 8)]
@@ -155,8 +193,18 @@ def latent_stats(vae: VideoVAE, clips: ShapesClips, count: int = 64) -> tuple[li
     return mu.mean(1).tolist(), mu.std(1).tolist()
 
 
-def export(run: Path, out: Path, preset: str, clips: ShapesClips) -> VideoVAE:
+VAE_CONFIG = "vae.json"  # in the run folder: the VAE's widths when they differ from the preset's
+
+
+def run_vae_config(run: Path, preset: str) -> VAEConfig:
+    """The VAE configuration a run trains: the preset's, with the overrides the run folder records."""
     cfg = get_preset(preset).vae
+    path = run / VAE_CONFIG
+    return dataclasses.replace(cfg, **json.loads(path.read_text())) if path.is_file() else cfg
+
+
+def export(run: Path, out: Path, preset: str, clips: ShapesClips) -> VideoVAE:
+    cfg = run_vae_config(run, preset)
     state = {k.removeprefix("vae."): v for k, v in load_weights(run, "ema").items()}
     vae = VideoVAE.from_config(cfg)
     vae.vae.load_state_dict(state, strict=True)
@@ -235,6 +283,9 @@ def _main(argv=None) -> int:
                    help="fraction of clips that cut to another clip at a latent-group boundary")
     p.add_argument("--posterior-noise", type=float, default=0.0, help="scale of the posterior sample's noise")
     p.add_argument("--init", metavar="DIR", help="start from this VAE folder's weights (e.g. assets/shapes/vae)")
+    p.add_argument("--decoder-base-dim", type=int, metavar="N",
+                   help="the decoder's base width instead of the preset's; with --init from a narrower decoder, "
+                        "that decoder is widened (it decodes as before, and the new channels learn)")
     p.add_argument("--freeze-encoder", action="store_true",
                    help="train the decoder only (with --init): latents already encoded for a teacher stay valid")
     p.add_argument("--export", metavar="DIR", help="write the trained VAE (diffusers folder with latent stats)")
@@ -260,10 +311,29 @@ def _main(argv=None) -> int:
                                             fps=preset.fps)
         print(json.dumps(res))
         return 0
+    if args.decoder_base_dim is not None and args.decoder_base_dim < 1:
+        p.error(f"--decoder-base-dim must be >= 1, got {args.decoder_base_dim}")
     rank, world, device = setup_distributed()
-    vae = AutoencoderKLWan(**preset.vae.diffusers_kwargs())
+    run = Path(args.out)
+    cfg = run_vae_config(run, args.preset)
+    if args.decoder_base_dim is not None:
+        recorded = cfg.decoder_base_dim or cfg.base_dim
+        if (run / VAE_CONFIG).is_file() and recorded != args.decoder_base_dim:
+            p.error(f"{run} trains a decoder of base width {recorded}, not {args.decoder_base_dim}")
+        cfg = dataclasses.replace(cfg, decoder_base_dim=args.decoder_base_dim)
+        if rank == 0:
+            run.mkdir(parents=True, exist_ok=True)
+            (run / VAE_CONFIG).write_text(json.dumps({"decoder_base_dim": args.decoder_base_dim}))
+    vae = AutoencoderKLWan(**cfg.diffusers_kwargs())
     if args.init:  # latent stats live in the config, not the weights: the export measures them afresh
-        fresh = load_matching(vae, VideoVAE.from_folder(args.init).vae.state_dict())
+        state = VideoVAE.from_folder(args.init).vae.state_dict()
+        fresh = load_matching(vae, state)
+        if any(k.startswith("decoder.") and k in state for k in fresh):  # a narrower decoder
+            try:
+                widened = widen_decoder(vae, state)
+            except ValueError as e:
+                p.error(f"--init {args.init}: its decoder does not fit this one ({e})")
+            fresh = [k for k in fresh if k.removeprefix("decoder.") not in widened]
         if fresh and rank == 0 and not args.quiet:
             print(f"--init {args.init}: {len(fresh)} tensors start fresh (other shapes or names): "
                   f"{', '.join(fresh[:6])}{' ...' if len(fresh) > 6 else ''}", file=sys.stderr)

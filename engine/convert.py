@@ -62,8 +62,8 @@ def main(argv=None) -> int:
         parser.error("SRC must not be empty")
     if not a.out.strip():
         parser.error("--out must not be empty")
-    if a.lora_alpha is not None and not a.lora_alpha > 0:
-        parser.error(f"--lora-alpha must be positive, got {a.lora_alpha}")
+    if a.lora_alpha is not None and not 0 < a.lora_alpha < float("inf"):
+        parser.error(f"--lora-alpha must be a positive number, got {a.lora_alpha}")
     head = a.src if Path(a.src).exists() else re.sub(rf"^({'|'.join(LAYOUT_CHOICES[1:])}):", "", a.src).split("+")[0]
     if not Path(head).expanduser().exists() and not _HUB_LIKE.match(head):  # answered before torch loads
         parser.error(f"model not found: {head} (not a local path, nor a hub id like org/name or hf://org/name/file)")

@@ -131,13 +131,17 @@ def key_blocks_covering(ranges, block_n: int, k_len: int, device="cpu") -> torch
 # ---- block selection ------------------------------------------------------------------------------
 
 def _pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
-    """x [B, H, L, D] -> mean over each block of rows [B, H, NB, D] (fp32; a short last block: its own mean)."""
-    B, H, L, D = x.shape
-    nb = cdiv(L, block)
-    xp = F.pad(x.float(), (0, 0, 0, nb * block - L)).reshape(B, H, nb, block, D).sum(3)
-    sizes = torch.full((nb,), float(block), device=x.device)
-    sizes[-1] = L - (nb - 1) * block
-    return xp / sizes[:, None]
+    """x [B, H, L, D] -> mean over each block of rows [B, H, NB, D] (fp32; a short last block: its own mean).
+    Sums in fp32 straight from x's dtype and strides: no fp32 or padded copy of x (the keys are most of the
+    live cache, and selection runs in every layer of every forward)."""
+    L = x.shape[2]
+    full = L // block
+    parts = []
+    if full:
+        parts.append(x[:, :, : full * block].unflatten(2, (full, block)).sum(3, dtype=torch.float32) / block)
+    if L > full * block:
+        parts.append(x[:, :, full * block:].sum(2, keepdim=True, dtype=torch.float32) / (L - full * block))
+    return torch.cat(parts, 2) if len(parts) > 1 else parts[0]
 
 
 def select_blocks(q: torch.Tensor, k: torch.Tensor, block_m: int, block_n: int, topk: float | int,

@@ -205,14 +205,16 @@ def _check_inputs(q, k, v, block_m, block_n):
         raise ValueError(f"blocks must be powers of two; got {block_m}x{block_n}")
 
 
-def _launch_opts(block_m, block_d):
+def _launch_opts(block_m, block_d, num_warps=None, num_stages=None):
+    """Compile options (CUDA only). The defaults are untuned; `python -m benchmarks.kernels_bench --sweep`
+    times the forward over warps, stages and query-block sizes on a GPU."""
     if interpreting():
         return {}
-    return {"num_warps": 8 if block_m * block_d >= 128 * 128 else 4, "num_stages": 2}
+    return {"num_warps": num_warps or (8 if block_m * block_d >= 128 * 128 else 4), "num_stages": num_stages or 2}
 
 
-def forward(q, k, v, kv_idx, kv_cnt, block_m, block_n, scale):
-    """-> (o like q, lse2 [B, H, Lq] fp32 in base 2)."""
+def forward(q, k, v, kv_idx, kv_cnt, block_m, block_n, scale, num_warps=None, num_stages=None):
+    """-> (o like q, lse2 [B, H, Lq] fp32 in base 2). num_warps / num_stages: compile options (None: defaults)."""
     _check_inputs(q, k, v, block_m, block_n)
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
@@ -223,7 +225,8 @@ def forward(q, k, v, kv_idx, kv_cnt, block_m, block_n, scale):
     grid = (cdiv(Lq, block_m), B * H)
     _bsa_fwd[grid](q, k, v, o, lse, kv_idx, kv_cnt, scale * LOG2E, Lq, Lk, H, D,
                    *q.stride(), *k.stride(), *v.stride(), *o.stride(), *kv_idx.stride(), *kv_cnt.stride(),
-                   BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=bd, UPCAST=upcast, **_launch_opts(block_m, bd))
+                   BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=bd, UPCAST=upcast,
+                   **_launch_opts(block_m, bd, num_warps, num_stages))
     return o, lse
 
 

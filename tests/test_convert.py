@@ -167,6 +167,7 @@ def test_reward_forcing_preset_and_weights_choice(small, small_wan, tmp_path, ca
 
 @pytest.mark.parametrize("argv", [[], ["x"], ["x", "--out", "y", "--layout", "nope"],
                                   ["x", "--out", "y", "--dtype", "int8"], ["x", "--out", "y", "--lora-alpha", "0"],
+                                  ["x", "--out", "y", "--lora-alpha", "nan"], ["x", "--out", "y", "--lora-alpha", "inf"],
                                   ["", "--out", "y"]])
 def test_bad_arguments_exit_2(argv, capsys):
     rc, out, err = cli(argv, capsys)

@@ -332,6 +332,62 @@ def test_vae_init_across_temporal_compressions_loads_every_shared_tensor():
     assert fresh and all(torch.equal(wide.state_dict()[k], before[k]) for k in fresh)
 
 
+def test_widened_decoder_decodes_as_the_narrow_one_and_its_new_channels_learn():
+    """widen_decoder: with the new rows at 0 the wider decoder equals the narrow one (so the q/k/v and
+    time_conv groups, the RMS norms' sqrt(channels) and attention's 1/sqrt(channels) are all accounted for);
+    at the default scale it is close, and the gradient reaches the new channels."""
+    import dataclasses
+
+    from distill.train_vae import load_matching, widen_decoder
+    from engine.vae import VideoVAE
+
+    base = dataclasses.replace(get_preset("tiny").vae, dim_mult=(1, 2, 2), temperal_downsample=(False, True),
+                               scale_factor_spatial=4, scale_factor_temporal=2)
+    narrow = VideoVAE.from_config(dataclasses.replace(base, decoder_base_dim=4), seed=1).vae
+    with torch.no_grad():
+        for k, v in narrow.state_dict().items():
+            if k.endswith("gamma"):
+                v.uniform_(0.5, 1.5)  # so that a wrong rescaling of the norms shows
+    z = torch.randn(2, base.z_dim, 5, 6, 5, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        want = narrow.decode(z).sample
+    for scale, tol in ((0.0, 1e-5), (0.02, 0.02)):
+        wide = VideoVAE.from_config(dataclasses.replace(base, decoder_base_dim=7), seed=2).vae
+        load_matching(wide, narrow.state_dict())
+        widened = widen_decoder(wide, narrow.state_dict(), scale=scale)
+        assert "mid_block.attentions.0.to_qkv.weight" in widened and any("time_conv" in k for k in widened)
+        with torch.no_grad():
+            got = wide.decode(z).sample
+        assert (got - want).abs().max() < tol, scale
+    wide.requires_grad_(True)  # (VideoVAE builds it for inference)
+    wide.decode(z).sample.square().mean().backward()
+    w = wide.decoder.up_blocks[0].resnets[0].conv2.weight
+    assert w.grad[:, 8:].abs().sum() > 0  # the new input channels get a gradient from the first step
+    with pytest.raises(ValueError, match="does not fit"):
+        widen_decoder(narrow, wide.state_dict())
+
+
+def test_train_vae_widens_an_init_decoder_and_exports_its_width(tmp_path):
+    import json
+
+    from distill import train_vae
+    from engine.vae import VideoVAE
+
+    common = ["--preset", "tiny", "--quiet", "--batch-size", "2", "--ckpt-every", "2", "--eval", "0",
+              "--eval-stream", "0"]
+    assert train_vae.main(common + ["--out", str(tmp_path / "vae"), "--steps", "1"]) == 0
+    assert train_vae.main(common + ["--out", str(tmp_path / "vae"), "--export", str(tmp_path / "v4")]) == 0
+    args = common + ["--out", str(tmp_path / "w"), "--init", str(tmp_path / "v4"), "--freeze-encoder"]
+    assert train_vae.main(args + ["--steps", "1", "--decoder-base-dim", "6"]) == 0
+    assert train_vae.main(args + ["--steps", "2"]) == 0  # the run folder keeps the width when resumed
+    assert train_vae.main(common + ["--out", str(tmp_path / "w"), "--export", str(tmp_path / "v6")]) == 0
+    assert json.loads((tmp_path / "v6" / "config.json").read_text())["decoder_base_dim"] == 6
+    assert VideoVAE.from_folder(tmp_path / "v6").vae.decoder.conv_out.weight.shape[1] == 6
+    with pytest.raises(SystemExit) as e:
+        train_vae.main(args + ["--steps", "3", "--decoder-base-dim", "8"])
+    assert e.value.code == 2
+
+
 def test_vae_stream_evaluation_on_a_short_stream():
     from distill.train_vae import evaluate_stream
     from engine.vae import VideoVAE

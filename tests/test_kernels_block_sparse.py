@@ -163,6 +163,20 @@ def test_select_blocks_top_k_by_pooled_scores_with_kept_blocks():
     assert t3.block_mask().all()
 
 
+def test_pooling_reads_strided_and_half_inputs_as_they_are():
+    """_pool_blocks sums straight from its input's strides and dtype (the engine passes [B, L, H, D] caches
+    transposed, in bf16): the same means as an fp32 copy, for a ragged last block too."""
+    from kernels.block_sparse import _pool_blocks
+
+    g = torch.Generator().manual_seed(fresh_seed())
+    for L, bs in ((37, 8), (32, 8), (5, 8)):
+        x = torch.randn(2, L, 3, 6, generator=g).to(torch.bfloat16).transpose(1, 2)  # [B, H, L, D], a view
+        want = torch.stack([x[:, :, i:i + bs].float().mean(2) for i in range(0, L, bs)], 2)
+        got = _pool_blocks(x, bs)
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        assert torch.allclose(got, want, atol=1e-6, rtol=1e-5), L
+
+
 def test_table_helpers():
     g = torch.Generator().manual_seed(0)
     t = random_table(g, 2, 2, 30, 45, 8, 8, empty_rows=2)

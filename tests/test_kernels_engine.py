@@ -208,3 +208,22 @@ def test_memory_projection_and_sparse_path_train_through_the_cache():
     out.square().mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in new), f"seed={seed}"
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_kernel_benchmark_dry_run_sweeps_launch_settings(tmp_path):
+    """`benchmarks.kernels_bench --dry-run --sweep` runs the GPU benchmark's code at toy sizes on the CPU: every
+    launch setting of the sweep is timed and matches the torch path, and the best of each is named."""
+    import json
+
+    from benchmarks.kernels_bench import SWEEP, main
+
+    out = tmp_path / "k.json"
+    main(["--dry-run", "--sweep", "--json", str(out)])
+    rows = json.loads(out.read_text())["cuda"]
+    small = SWEEP["small"]
+    for row in rows:
+        assert len(row["sweep_fwd"]) == len(small["block_m"]) * len(small["warps"]) * len(small["stages"])
+        assert all(e["max_err"] < 1e-4 and e["fwd_ms"] > 0 for e in row["sweep_fwd"])
+        assert len(row["sweep_readout"]) == len(small["readout_block_m"]) * len(small["readout_block_dv"])
+        assert all(e["max_rel_err"] < 1e-4 for e in row["sweep_readout"])
+        assert row["sweep_fwd_best"] in row["sweep_fwd"] and row["sweep_readout_best"] in row["sweep_readout"]

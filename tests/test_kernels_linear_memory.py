@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels._common import poison_outputs
-from kernels.linear_memory import MemoryProjection, fold, phi, readout
+from kernels.linear_memory import EPS, MemoryProjection, fold, phi, readout
 from kernels.testing import DEVICE, DTYPES, DTYPE_IDS, HAS_TRITON, TOL, bhld, fresh_seed
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton)")
@@ -120,3 +120,21 @@ def test_triton_fold_split_over_tokens_equals_one_run(nsplit):
         torch.testing.assert_close(a, b, **st, msg=f"seed={seed} nsplit={nsplit}")
     empty = tri.fold_forward(M0, z0, k[:, :, :0], v[:, :, :0], 0.5)
     torch.testing.assert_close(empty[0], 0.5 * M0)
+
+
+@needs_triton
+@pytest.mark.parametrize("block_m,block_dv", [(16, 16), (32, 8), (64, None)])
+def test_triton_readout_tiled_over_columns_equals_torch_path(block_m, block_dv):
+    """The read-out's launch settings (a slice of the output's columns a program, query rows a program) change
+    how the work is cut, not the result: odd head dims and lengths, a strided q, poisoned outputs."""
+    from kernels import linear_memory_triton as tri
+
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    B, H, L, D = 2, 3, 77, 20
+    q = bhld(g, B, H, L, D, strided=True)
+    M, z = torch.rand(B, H, D, D, generator=g).to(DEVICE), torch.rand(B, H, D, generator=g).to(DEVICE)
+    with poison_outputs():
+        got = tri.readout_forward(q, M, z, EPS, block_m=block_m, block_dv=block_dv)
+    st = dict(atol=1e-5, rtol=1e-5) if DEVICE == "cpu" else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(got, readout(q, M, z, impl="torch"), **st, msg=f"seed={seed}")
