@@ -45,6 +45,9 @@ test: $(STAMP)
 # 6. The preview decoder (engine/preview.py) on the VAE's latents in three phases (constant lr, then two cosine-annealed
 #    ones, each started from the last one's export), exported into assets/shapes/preview and evaluated beside the VAE's own decoder
 #    (held-out PSNR, oracle, a 2-minute streaming decode, ms a frame).
+# 7. The VAE's decoder widened from base width 8 to 12 (the narrow one's weights carried over, the new channels
+#    starting small) and fine-tuned alone in two cosine phases, so every latent stays as it was; exported into
+#    assets/shapes/vae over the narrow one and evaluated.
 SHAPES_DESCRIPTION := Shapes model under construction: random transformer and text encoder (seed 0) until the last steps below replace them
 T2 := --preset shapes-t2
 assets: $(STAMP)
@@ -78,6 +81,10 @@ assets: $(STAMP)
 	$(BIN)/python -m distill.train_preview --out runs/preview-shapes-b --export runs/preview-shapes-b-model --eval 0
 	$(BIN)/python -m distill.train_preview --vae assets/shapes/vae --init runs/preview-shapes-b-model --out runs/preview-c --steps 3000 --lr 1e-3 --lr-schedule cosine --warmup 20 --ema 0.99 --seed 2
 	$(BIN)/python -m distill.train_preview --out runs/preview-c --export assets/shapes/preview
+	$(BIN)/python -m distill.train_vae $(T2) --out runs/vae-w12 --init assets/shapes/vae --decoder-base-dim 12 --freeze-encoder --motion-weight 1 --halo-weight 4 --steps 3000 --lr 2e-4 --lr-schedule cosine --warmup 50 --seed 4
+	$(BIN)/python -m distill.train_vae $(T2) --out runs/vae-w12 --export runs/vae-w12-export --eval 0
+	$(BIN)/python -m distill.train_vae $(T2) --out runs/vae-w12b --init runs/vae-w12-export --decoder-base-dim 12 --freeze-encoder --motion-weight 1 --halo-weight 4 --steps 2000 --lr 2e-4 --lr-schedule cosine --warmup 50 --seed 5
+	$(BIN)/python -m distill.train_vae $(T2) --out runs/vae-w12b --export assets/shapes/vae --eval 32
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

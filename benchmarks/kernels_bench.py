@@ -95,7 +95,8 @@ SWEEP = {  # --sweep: the launch settings tried ("full"; "small" for --dry-run)
 def sweep_launch(q, k, v, M, z, block, density, timer, reps, which: str) -> dict:
     """Times the Triton forward over query-block sizes (each its own table: selection per query block) x warps
     x pipeline stages, and the read-out over its tiles and warps; each with its error against the fp32 torch
-    path, so a fast but wrong setting shows. Also the best of each, against the defaults' times."""
+    path, so a fast but wrong setting shows; and the fastest of each (the defaults' times are the row's
+    triton_sparse_fwd_ms and readout_ms)."""
     from kernels import block_sparse_triton as tri
     from kernels import linear_memory_triton as ltri
     from kernels.linear_memory import EPS

@@ -154,10 +154,11 @@ def widen_decoder(vae: AutoencoderKLWan, old: dict, scale: float = 0.1) -> list[
 
     Every tensor's old values go into its leading slice (per group where a tensor stacks several: to_qkv's
     q, k, v rows, and an upsampler's time_conv, whose rows are the two frames' channels). The new channels read
-    the old ones through `scale` x their fresh initialisation, and nothing reads them yet (their columns start at
-    zero), so they begin small and learn. Tensors `old` lacks are left as they are. Two corrections keep the function: Wan's RMS norm multiplies by
-    sqrt(channels), so every gamma is scaled by sqrt(old / new); attention divides q.k by sqrt(channels), so the
-    old q rows are scaled by sqrt(new / old). With scale 0 the wide decoder equals the narrow one exactly."""
+    the old ones through `scale` x their fresh initialisation, and nothing reads them yet (their columns start
+    at zero), so they begin small and learn. Tensors `old` lacks are left as they are. Two corrections keep the
+    function: Wan's RMS norm multiplies by sqrt(channels), so every gamma is scaled by sqrt(old / new); attention
+    divides q.k by sqrt(channels), so the old q rows are scaled by sqrt(new / old). With scale 0 the wide decoder
+    equals the narrow one exactly (tested)."""
     own = vae.decoder.state_dict()
     widened = []
     for name, new in own.items():

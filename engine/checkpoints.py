@@ -1192,14 +1192,6 @@ def load_text(src: Source, device="cpu", dtype=torch.float32, offload: bool = Fa
         raise ModelLoadError(_first_line(e)) from None
 
 
-def _vae_config_of(vae) -> VAEConfig:
-    c = vae.vae.config
-    return VAEConfig(base_dim=c.base_dim, decoder_base_dim=c.decoder_base_dim, z_dim=c.z_dim,
-                     dim_mult=tuple(c.dim_mult), num_res_blocks=c.num_res_blocks,
-                     temperal_downsample=tuple(c.temperal_downsample), scale_factor_temporal=c.scale_factor_temporal,
-                     scale_factor_spatial=c.scale_factor_spatial)
-
-
 def make_preset(layout: str, model: ModelConfig, vae: VAEConfig) -> tuple[Preset, str]:
     base = get_preset("wan2.1-1.3b")
     if layout in PEER_SETTINGS:
@@ -1239,7 +1231,7 @@ def load_checkpoint(spec: str | Path, device="cpu", dtype=torch.float32, *, layo
     if getattr(text, "dim", transformer.cfg.text_dim) != transformer.cfg.text_dim:
         raise ModelLoadError(f"{src.component_root}: the text encoder gives {text.dim}-wide embeddings, the "
                              f"transformer takes {transformer.cfg.text_dim}")
-    preset, note = make_preset(src.layout, transformer.cfg, _vae_config_of(vae))
+    preset, note = make_preset(src.layout, transformer.cfg, vae.config())
     return LoadedModel(src.path, preset, transformer, vae, text, _info(src, w, note))
 
 
@@ -1318,7 +1310,7 @@ def convert(spec: str | Path, out: str | Path, *, layout: str = "auto", base=Non
             _copy_folder(vdir, tmp / "vae", "VAE")
         from .vae import VideoVAE
         try:
-            vae_cfg = _vae_config_of(VideoVAE.from_folder(tmp / "vae"))
+            vae_cfg = VideoVAE.from_folder(tmp / "vae").config()
         except (OSError, ValueError, RuntimeError) as e:
             raise ModelLoadError(f"unreadable VAE from {src.component_root}: {_first_line(e)}") from None
 

@@ -232,6 +232,8 @@ PRESETS["shapes-p2"] = PRESETS["shapes"].replace(name="shapes-p2", model=datacla
 # latent frame instead of 4 (no temporal downsampling in the first stage, as in Wan2.1's own VAE). The 4x VAE draws
 # the motion inside a latent group as steps and catches up at the next group (its reconstructions' speed check
 # passes about 60% of the time); with 2-frame groups the steps halve. The transformer sees twice the tokens a second.
+# The shipped VAE's decoder was then widened to base width 12 (`train_vae --decoder-base-dim 12`, the Makefile's last
+# step): its folder's config says so, and loading reads the folder, not this preset.
 PRESETS["shapes-t2"] = PRESETS["shapes"].replace(name="shapes-t2", vae=dataclasses.replace(
     PRESETS["shapes"].vae, temperal_downsample=(False, True), scale_factor_temporal=2))
 

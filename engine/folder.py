@@ -210,6 +210,7 @@ def load_model_folder(model: str | Path | None = None, device="cpu", dtype=torch
         vae = VideoVAE.from_folder(path / "vae", device=device, dtype=dtype)
     except (OSError, ValueError, EnvironmentError) as e:
         raise ModelLoadError(f"unreadable VAE in {path / 'vae'}: {str(e).splitlines()[0]}") from None
+    preset = replace(preset, vae=vae.config())  # likewise (e.g. a decoder widened after the folder was made)
     offload = info.get("text_offload", False) if text_offload is None else text_offload
     try:
         text = load_text_encoder(path / "text_encoder", device=device, dtype=dtype,

@@ -38,6 +38,14 @@ class VideoVAE:
             torch.manual_seed(seed)
             return cls(AutoencoderKLWan(**cfg.diffusers_kwargs()))
 
+    def config(self) -> VAEConfig:
+        """The architecture, read off the diffusers config (the truth for a loaded folder)."""
+        c = self.vae.config
+        return VAEConfig(base_dim=c.base_dim, decoder_base_dim=c.decoder_base_dim, z_dim=c.z_dim,
+                         dim_mult=tuple(c.dim_mult), num_res_blocks=c.num_res_blocks,
+                         temperal_downsample=tuple(c.temperal_downsample),
+                         scale_factor_temporal=c.scale_factor_temporal, scale_factor_spatial=c.scale_factor_spatial)
+
     @classmethod
     def from_folder(cls, path, device="cpu", dtype=torch.float32) -> "VideoVAE":
         from pathlib import Path

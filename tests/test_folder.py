@@ -60,6 +60,19 @@ def random_inputs(cfg, seed=1, batch=2, fhw=(3, 4, 6), text_len=5):
 # --------------------------------------------------------------------------------------------------------------
 
 
+def test_the_vae_folder_decides_the_presets_vae(copy):
+    """A model folder whose VAE was replaced by one with a wider decoder (`train_vae --decoder-base-dim`):
+    the loaded preset describes the VAE it loaded, not the one engine.json was written with."""
+    import dataclasses
+
+    cfg = dataclasses.replace(get_preset("tiny").vae, decoder_base_dim=6)
+    shutil.rmtree(copy / "vae")
+    VideoVAE.from_config(cfg, seed=3).save(copy / "vae")
+    m = load_model_folder(copy)
+    assert m.preset.vae == cfg == m.vae.config()
+    assert json.loads((copy / "engine.json").read_text())["preset"]["vae"]["decoder_base_dim"] != 6
+
+
 def test_layout(folder):
     for rel in ("engine.json", "transformer/config.json", f"transformer/{WEIGHTS}", "vae/config.json",
                 f"vae/{WEIGHTS}", "text_encoder/config.json"):
