@@ -285,8 +285,9 @@ def _main(argv=None) -> int:
     p.add_argument("--posterior-noise", type=float, default=0.0, help="scale of the posterior sample's noise")
     p.add_argument("--init", metavar="DIR", help="start from this VAE folder's weights (e.g. assets/shapes/vae)")
     p.add_argument("--decoder-base-dim", type=int, metavar="N",
-                   help="the decoder's base width instead of the preset's; with --init from a narrower decoder, "
-                        "that decoder is widened (it decodes as before, and the new channels learn)")
+                   help="the decoder's base width instead of the preset's (default: --init's, else the preset's); "
+                        "with --init from a narrower decoder, that decoder is widened (it decodes as before, and "
+                        "the new channels learn)")
     p.add_argument("--freeze-encoder", action="store_true",
                    help="train the decoder only (with --init): latents already encoded for a teacher stay valid")
     p.add_argument("--export", metavar="DIR", help="write the trained VAE (diffusers folder with latent stats)")
@@ -317,17 +318,23 @@ def _main(argv=None) -> int:
     rank, world, device = setup_distributed()
     run = Path(args.out)
     cfg = run_vae_config(run, args.preset)
-    if args.decoder_base_dim is not None:
+    init = VideoVAE.from_folder(args.init) if args.init else None
+    width = args.decoder_base_dim
+    if width is None and init is not None and not (run / VAE_CONFIG).is_file():
+        theirs = init.config()
+        if (theirs.decoder_base_dim or theirs.base_dim) != (cfg.decoder_base_dim or cfg.base_dim):
+            width = theirs.decoder_base_dim or theirs.base_dim  # --init's decoder as it is (the shipped one is wider)
+    if width is not None:
         recorded = cfg.decoder_base_dim or cfg.base_dim
-        if (run / VAE_CONFIG).is_file() and recorded != args.decoder_base_dim:
-            p.error(f"{run} trains a decoder of base width {recorded}, not {args.decoder_base_dim}")
-        cfg = dataclasses.replace(cfg, decoder_base_dim=args.decoder_base_dim)
+        if (run / VAE_CONFIG).is_file() and recorded != width:
+            p.error(f"{run} trains a decoder of base width {recorded}, not {width}")
+        cfg = dataclasses.replace(cfg, decoder_base_dim=width)
         if rank == 0:
             run.mkdir(parents=True, exist_ok=True)
-            (run / VAE_CONFIG).write_text(json.dumps({"decoder_base_dim": args.decoder_base_dim}))
+            (run / VAE_CONFIG).write_text(json.dumps({"decoder_base_dim": width}))
     vae = AutoencoderKLWan(**cfg.diffusers_kwargs())
-    if args.init:  # latent stats live in the config, not the weights: the export measures them afresh
-        state = VideoVAE.from_folder(args.init).vae.state_dict()
+    if init is not None:  # latent stats live in the config, not the weights: the export measures them afresh
+        state = init.vae.state_dict()
         fresh = load_matching(vae, state)
         if any(k.startswith("decoder.") and k in state for k in fresh):  # a narrower decoder
             try:

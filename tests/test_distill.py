@@ -386,6 +386,12 @@ def test_train_vae_widens_an_init_decoder_and_exports_its_width(tmp_path):
     with pytest.raises(SystemExit) as e:
         train_vae.main(args + ["--steps", "3", "--decoder-base-dim", "8"])
     assert e.value.code == 2
+    # started from the wide folder without --decoder-base-dim: its decoder as it is, every tensor carried over
+    again = common + ["--out", str(tmp_path / "w2"), "--init", str(tmp_path / "v6"), "--freeze-encoder", "--lr", "0"]
+    assert train_vae.main(again + ["--steps", "1", "--warmup", "0", "--ema", "0"]) == 0
+    assert train_vae.main(common + ["--out", str(tmp_path / "w2"), "--export", str(tmp_path / "v6b")]) == 0
+    a, b = (VideoVAE.from_folder(tmp_path / v).vae.state_dict() for v in ("v6", "v6b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_vae_stream_evaluation_on_a_short_stream():
