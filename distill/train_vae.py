@@ -321,13 +321,11 @@ def _main(argv=None) -> int:
     init = VideoVAE.from_folder(args.init) if args.init else None
     width = args.decoder_base_dim
     if width is None and init is not None and not (run / VAE_CONFIG).is_file():
-        theirs = init.config()
-        if (theirs.decoder_base_dim or theirs.base_dim) != (cfg.decoder_base_dim or cfg.base_dim):
-            width = theirs.decoder_base_dim or theirs.base_dim  # --init's decoder as it is (the shipped one is wider)
+        if init.config().decoder_width != cfg.decoder_width:
+            width = init.config().decoder_width  # --init's decoder as it is (the shipped one is wider)
     if width is not None:
-        recorded = cfg.decoder_base_dim or cfg.base_dim
-        if (run / VAE_CONFIG).is_file() and recorded != width:
-            p.error(f"{run} trains a decoder of base width {recorded}, not {width}")
+        if (run / VAE_CONFIG).is_file() and cfg.decoder_width != width:
+            p.error(f"{run} trains a decoder of base width {cfg.decoder_width}, not {width}")
         cfg = dataclasses.replace(cfg, decoder_base_dim=width)
         if rank == 0:
             run.mkdir(parents=True, exist_ok=True)

@@ -132,6 +132,11 @@ class VAEConfig:
         if self.scale_factor_temporal != 2 ** sum(self.temperal_downsample):
             raise ValueError(f"VAEConfig: scale_factor_temporal must be {2 ** sum(self.temperal_downsample)}")
 
+    @property
+    def decoder_width(self) -> int:
+        """The decoder's base width (diffusers: decoder_base_dim, None meaning base_dim)."""
+        return self.decoder_base_dim or self.base_dim
+
     def diffusers_kwargs(self) -> dict:
         kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         kw["dim_mult"], kw["temperal_downsample"] = list(self.dim_mult), list(self.temperal_downsample)
