@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from engine.attention import FullContext
 from engine.cli import OneLineParser, one_line_errors
-from engine.config import SamplerConfig, get_preset
+from engine.config import ModelConfig, SamplerConfig, get_preset
 from engine.folder import load_model_folder, save_model_folder
 from engine.model import CausalWanModel
 from engine.sampler import few_step_sampler
@@ -209,14 +209,22 @@ def evaluate_engine(model_path, n: int = 50, seconds: float = 2.0, stream_second
     return res
 
 
+def teacher_model_config(teacher) -> ModelConfig:
+    """The student's widths: its teacher's, whose weights it starts from (the preset's unless the teacher was grown)."""
+    from engine.folder import transformer_config
+
+    return transformer_config(dict(teacher.transformer.config), Path("teacher transformer"))
+
+
 def export(run: Path, teacher_run: Path, vae: Path, out: Path, preset_name: str, sampler: SamplerConfig):
     from .train_teacher import load_teacher
     from .trainer import load_weights
 
-    preset = get_preset(preset_name).replace(sampler=sampler)
+    teacher = load_teacher(teacher_run, preset_name)
+    preset = get_preset(preset_name).replace(sampler=sampler, model=teacher_model_config(teacher))
     student = CausalWanModel(preset.model)
     student.load_state_dict({k.removeprefix("model."): v for k, v in load_weights(run, "ema").items()}, strict=True)
-    text = load_teacher(teacher_run, preset_name).text
+    text = teacher.text
     from .trainer import latest_checkpoint
 
     ckpt = run if (run / "state.json").exists() else latest_checkpoint(run)
@@ -276,7 +284,7 @@ def _main(argv=None) -> int:
                        guidance=args.guidance, seed=args.seed, quiet=args.quiet)
         if world > 1:
             torch.distributed.barrier()
-    student = CausalWanModel(preset.model)
+    student = CausalWanModel(teacher_model_config(teacher))  # the teacher's widths (a grown teacher's too)
     student.load_state_dict(teacher.transformer.state_dict(), strict=True)  # same architecture, diffusers names
     task = ODETask(Pairs(pairs), teacher.text, preset.cache.frames_per_chunk, device)
     Trainer(TeacherForced(student, preset.cache.frames_per_chunk).to(device), task, config_from_args(args),

@@ -83,3 +83,60 @@ def sample(transformer, cond: torch.Tensor, uncond: torch.Tensor, noise: torch.T
         if return_trajectory:
             states.append(x)
     return (x, sig, torch.stack(states)) if return_trajectory else x
+
+
+# The output projections of a Wan block's three residual branches (self-attention, cross-attention, feed-forward): with
+# these at zero a block passes its input through unchanged (its cross-attention has no gate, so all three are needed).
+_RESIDUAL_OUTPUTS = ("attn1.to_out.0.", "attn2.to_out.0.", "ffn.net.2.")
+
+
+def grown_block_sources(old_layers: int, new_layers: int) -> list[tuple[int, bool]]:
+    """Where each block of a deeper transformer comes from: (index of the old block, is it a new copy). The old blocks
+    keep their order; the new_layers - old_layers copies follow evenly spaced ones (8 -> 12: after blocks 1, 3, 5, 7)."""
+    if not 1 <= old_layers <= new_layers:
+        raise ValueError(f"cannot grow {old_layers} blocks into {new_layers}")
+    extra = new_layers - old_layers
+    out = []
+    for i in range(old_layers):  # block i is followed by its share of the copies
+        out += [(i, False)] + [(i, True)] * ((i + 1) * extra // old_layers - i * extra // old_layers)
+    return out
+
+
+@torch.no_grad()
+def grow_transformer(new: nn.Module, old: dict[str, torch.Tensor], scale: float = 0.1) -> None:
+    """Loads a shallower and/or narrower-feed-forward transformer's state dict `old` into `new` (a diffusers
+    `WanTransformer3DModel` with at least its blocks and feed-forward width, equal elsewhere) so that `new` computes
+    exactly what `old` did, and can then learn with the extra capacity:
+    - depth: the old blocks keep their order, and each new block is a copy of the one before it with its residual
+      branches' output projections at zero, so it starts as the identity (as LLaMA Pro grows a model) and its copied
+      attention and feed-forward weights are useful from the first update;
+    - feed-forward width: the old hidden units take the leading slice; the new ones read the input through `scale` x
+      their fresh initialisation, and nothing reads them yet (their output columns are zero)."""
+    own = new.state_dict()
+    old_layers = 1 + max(int(k.split(".")[1]) for k in old if k.startswith("blocks."))
+    sources = grown_block_sources(old_layers, new.config.num_layers)
+    for name, dst in own.items():
+        copy = False
+        src_name = name
+        if name.startswith("blocks."):
+            _, j, rest = name.split(".", 2)
+            i, copy = sources[int(j)]
+            src_name = f"blocks.{i}.{rest}"
+        if src_name not in old:
+            raise ValueError(f"grow: the smaller transformer has no {src_name}")
+        src = old[src_name]
+        ffn_grows = src.ndim == dst.ndim and all(a <= b for a, b in zip(src.shape, dst.shape))
+        if copy and rest.startswith(_RESIDUAL_OUTPUTS):
+            dst.zero_()
+        elif src.shape == dst.shape:
+            dst.copy_(src)
+        elif ffn_grows and (name.endswith("ffn.net.0.proj.weight") or name.endswith("ffn.net.0.proj.bias")):  # hidden units = rows
+            fresh = dst * scale if dst.ndim > 1 else torch.zeros_like(dst)
+            fresh[: src.shape[0]] = src
+            dst.copy_(fresh)
+        elif ffn_grows and name.endswith("ffn.net.2.weight"):  # [dim, hidden]: the new hidden units' columns are zero
+            dst.zero_()
+            dst[:, : src.shape[1]] = src
+        else:
+            raise ValueError(f"grow: {name} is {tuple(src.shape)} in the smaller transformer and "
+                             f"{tuple(dst.shape)} here; only depth and feed-forward width may grow")

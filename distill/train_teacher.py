@@ -7,6 +7,8 @@
     python -m distill.train_teacher --out runs/teacher2 --init assets/shapes-teacher  # go on from an export
     python -m distill.train_teacher --out assets/shapes-teacher --probe 24          # which prompt words it uses
     python -m distill.train_teacher --out assets/shapes-teacher --eval 30 --renoise 0 0.5 0.85 1  # where it loses
+    python -m distill.train_teacher --out assets/shapes-teacher --heldout 64        # loss on fresh clips
+    python -m distill.train_teacher --out runs/t12 --init assets/shapes-teacher --grow-layers 12  # a deeper teacher
 
 Data: `--clips` rendered clips encoded once by the VAE into `--latents` (made on first use). Each sample's
 prompt is dropped to the empty prompt with probability `--p-uncond` (classifier-free guidance); sigma is
@@ -14,11 +16,13 @@ drawn uniformly and shifted by `--shift` (more weight on high noise, where layou
 `--latent-lengths` trains some batches on clip prefixes (the causal VAE makes them exact latents of shorter
 clips): most of what a clip teaches is in its first frames, at a fraction of the tokens. `--p-context` keeps
 the first latent frames of some samples clean (per-frame timesteps, scored on the noisy rest): the streaming
-student's setting, where the motion words decide what comes next.
+student's setting, where the motion words decide what comes next. `--grow-layers` / `--grow-ffn` start a deeper or
+wider teacher from `--init` that computes what the init did (distill.teacher.grow_transformer).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import sys
@@ -36,7 +40,7 @@ from engine.vae import VideoVAE
 
 from .data import LatentSet, ShapesClips, encode_clips, to_uint8
 from .shapes import sample_prompt
-from .teacher import TEXT_KINDS, Teacher, sample, shift_sigma, sigma_schedule
+from .teacher import TEXT_KINDS, Teacher, grow_transformer, sample, shift_sigma, sigma_schedule
 from .trainer import Trainer, add_train_args, config_from_args, load_weights, setup_distributed
 
 
@@ -91,22 +95,35 @@ def noisy_frames_loss(model, x0, eps, sf, ids, lengths, device="cpu") -> torch.T
     return err.sum() / (w.sum() * x0.shape[1] * x0.shape[3] * x0.shape[4])
 
 
-def build(preset_name: str, seed: int = 0, text: str = "learned") -> Teacher:
-    return Teacher.from_preset(get_preset(preset_name), seed=seed, text=text)
+GROWABLE = ("num_layers", "ffn_dim")  # what --grow-layers / --grow-ffn change, and a run folder's teacher.json records
+
+
+def build(preset_name: str, seed: int = 0, text: str = "learned", model: dict | None = None) -> Teacher:
+    """A fresh teacher of the preset's widths, `model` overriding some of them (GROWABLE: a grown teacher's)."""
+    preset = get_preset(preset_name)
+    if model:
+        preset = preset.replace(model=dataclasses.replace(preset.model, **model))
+    return Teacher.from_preset(preset, seed=seed, text=text)
 
 
 def load_teacher(run: Path, preset_name: str, which: str = "ema") -> Teacher:
-    """A teacher from a run folder (its `which` weights) or from an exported folder (transformer/ +
-    text_encoder/, what --export writes), in float32."""
+    """A teacher from a run folder (its `which` weights; its teacher.json says if it was grown) or from an
+    exported folder (transformer/ + text_encoder/, what --export writes), in float32."""
     run = Path(run)
     if (run / "transformer" / "config.json").is_file():
         tr = WanTransformer3DModel.from_pretrained(str(run / "transformer")).float()
         t = Teacher(tr, ShapesTextEncoder.from_folder(run / "text_encoder").float())
     else:
         state = load_weights(run, which)
-        t = build(preset_name, text="fixed" if "text.word_code" in state else "learned")
+        t = build(preset_name, text="fixed" if "text.word_code" in state else "learned", model=run_model(run))
         t.load_state_dict(state, strict=True)
     return t.eval().requires_grad_(False)
+
+
+def run_model(run: Path) -> dict:
+    """The widths a run folder's teacher differs from its preset in ({} unless it was grown): its teacher.json."""
+    f = Path(run) / "teacher.json"
+    return json.loads(f.read_text()).get("model", {}) if f.is_file() else {}
 
 
 def export_teacher(teacher: Teacher, out: Path, shard_mb: float | None = None, preset: str | None = None) -> None:
@@ -188,6 +205,27 @@ def renoise_eval(teacher: Teacher, vae: VideoVAE, preset, n: int, frames: int, s
 
 
 @torch.no_grad()
+def heldout_loss(teacher: Teacher, vae: VideoVAE, preset, n: int, frames: int, sigmas=(0.95, 0.8, 0.6, 0.3),
+                 seed: int = 1234, batch: int = 10) -> dict:
+    """The flow-matching loss on n fresh rendered clips (not the training seed; the clips of --eval's renoise) at
+    fixed sigmas, with every latent frame noisy and with the first one clean (context), each with its own prompt and
+    one fixed noise draw: a measure of fit far less noisy than the oracle on samples, comparable across runs."""
+    prompts, video = ShapesClips(preset.width, preset.height, frames, seed=seed).videos(range(n))
+    z0 = torch.cat([vae.encode(video[i:i + batch]) for i in range(0, n, batch)])
+    eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed))
+    out = {}
+    for ctx in (0, 1):
+        for sig in sigmas:
+            sf = torch.full((n, z0.shape[2]), float(sig))
+            sf[:, :ctx] = 0.0
+            losses = [float(noisy_frames_loss(teacher, z0[i:i + batch], eps[i:i + batch], sf[i:i + batch],
+                                              *teacher.text._tokenize(prompts[i:i + batch]))) * len(prompts[i:i + batch])
+                      for i in range(0, n, batch)]
+            out[f"{'context 1, ' if ctx else ''}sigma {sig}"] = round(sum(losses) / n, 5)
+    return {"clips": n, "frames": frames, "loss": out}
+
+
+@torch.no_grad()
 def prompt_probe(teacher: Teacher, data: LatentSet, n: int = 24, sigmas=(0.9, 0.6, 0.3), seed: int = 0) -> dict:
     """Does the teacher use each word of the prompt? On n one-object clips that move left/right/up/down, its
     flow-matching loss at fixed sigmas with the clip's own prompt and with one word swapped (colour, shape,
@@ -245,6 +283,11 @@ def _main(argv=None) -> int:
     p.add_argument("--init", metavar="DIR",
                    help="start from these weights (an exported teacher or a run folder's EMA) instead of random; "
                         "with a different --text, only the transformer's")
+    p.add_argument("--grow-layers", type=int, metavar="N",
+                   help="with --init: a deeper teacher of N blocks, the new ones copies of their neighbours that "
+                        "start as the identity (so it starts as the init's function)")
+    p.add_argument("--grow-ffn", type=int, metavar="N",
+                   help="with --init: feed-forward width N, the new hidden units read by nothing at first")
     p.add_argument("--text", choices=TEXT_KINDS, default="learned",
                    help="text encoder: a small transformer trained with the teacher, or a fixed word code "
                         "(nothing to train; every word stays distinct)")
@@ -254,6 +297,8 @@ def _main(argv=None) -> int:
     p.add_argument("--renoise", type=float, nargs="+", metavar="SIGMA",
                    help="with --eval N: N fresh rendered clips noised to each SIGMA and sampled from there "
                         "(0: the VAE's reconstructions; 1: ordinary sampling): at which noise levels adherence is lost")
+    p.add_argument("--heldout", type=int, metavar="N",
+                   help="flow-matching loss on N fresh rendered clips at fixed sigmas (a low-noise measure of fit)")
     p.add_argument("--probe", type=int, metavar="N",
                    help="loss with each prompt word swapped on N one-object clips of --latents: which words it uses")
     p.add_argument("--steps-sample", type=int, default=30)
@@ -267,11 +312,13 @@ def _main(argv=None) -> int:
     preset = get_preset(args.preset)
     if args.init and not Path(args.init).is_dir():
         p.error(f"--init {args.init}: no such folder")
+    if (args.grow_layers is not None or args.grow_ffn is not None) and not args.init:
+        p.error("--grow-layers / --grow-ffn grow the --init teacher: give --init DIR")
     t = preset.vae.scale_factor_temporal
     if args.frames < 1 or (args.frames - 1) % t:
         p.error(f"--frames {args.frames}: must be 1 + {t}k (the VAE's framing for preset {preset.name})")
     for flag, v in (("--clips", args.clips), ("--eval", args.eval), ("--probe", args.probe),
-                    ("--steps-sample", args.steps_sample)):
+                    ("--heldout", args.heldout), ("--steps-sample", args.steps_sample)):
         if v is not None and v < 1:
             p.error(f"{flag} must be >= 1, got {v}")
     if not (args.shift > 0 and 0.0 <= args.p_uncond <= 1.0 and args.render_workers >= 0):
@@ -279,10 +326,12 @@ def _main(argv=None) -> int:
                 f"{args.p_uncond} and {args.render_workers})")
     if args.renoise and (not args.eval or any(not 0.0 <= v <= 1.0 for v in args.renoise)):
         p.error(f"--renoise {' '.join(map(str, args.renoise))}: needs --eval N, and sigmas in [0, 1]")
-    if args.export or args.eval or args.probe:
+    if args.export or args.eval or args.probe or args.heldout:
         teacher = load_teacher(out, args.preset)
         if args.probe:
             print(json.dumps(prompt_probe(teacher, LatentSet(args.latents), args.probe)))
+        if args.heldout:
+            print(json.dumps(heldout_loss(teacher, VideoVAE.from_folder(args.vae), preset, args.heldout, args.frames)))
         if args.export:
             export_teacher(teacher, Path(args.export), args.export_shard_mb, args.preset)
             print(args.export)
@@ -308,16 +357,29 @@ def _main(argv=None) -> int:
         p.error(f"--p-context {args.p_context}: must lie in [0, 1]")
     if any(not 1 <= n <= data.latents.shape[2] for n in args.latent_lengths):
         p.error(f"--latent-lengths must lie in 1..{data.latents.shape[2]} (the cached clips' latent frames)")
-    teacher = build(args.preset, args.seed, args.text)
-    if args.init:  # the optimiser starts afresh: a new run folder, not a resume
-        init = load_teacher(Path(args.init), args.preset)
+    model = run_model(out)  # a resumed run's widths (a grown teacher's), else the preset's or the init's
+    init = load_teacher(Path(args.init), args.preset) if args.init else None
+    if init is not None:
+        model = {k: init.transformer.config[k] for k in GROWABLE if init.transformer.config[k] != getattr(
+            preset.model, k)}
+        for k, v in (("num_layers", args.grow_layers), ("ffn_dim", args.grow_ffn)):
+            if v is not None:
+                if v < init.transformer.config[k]:
+                    p.error(f"--grow-{'layers' if k == 'num_layers' else 'ffn'} {v}: the init has "
+                            f"{init.transformer.config[k]} already (a teacher only grows)")
+                model[k] = v
+        model = {k: v for k, v in model.items() if v != getattr(preset.model, k)}
+    teacher = build(args.preset, args.seed, args.text, model)
+    if init is not None:  # the optimiser starts afresh: a new run folder, not a resume
         same_text = init.text.cfg.fixed == (args.text == "fixed")
-        (teacher if same_text else teacher.transformer).load_state_dict(
-            (init if same_text else init.transformer).state_dict(), strict=True)
+        if same_text:
+            teacher.text.load_state_dict(init.text.state_dict(), strict=True)
+        grow_transformer(teacher.transformer, init.transformer.state_dict())  # a plain copy unless it grows
     teacher = teacher.to(device)
-    if rank == 0:  # so --export, --eval and a resume know the preset without being told
+    if rank == 0:  # so --export, --eval and a resume know the preset (and a grown teacher's widths)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "teacher.json").write_text(json.dumps({"preset": args.preset}) + "\n")
+        (out / "teacher.json").write_text(json.dumps({"preset": args.preset, **({"model": model} if model else {})})
+                                          + "\n")
     task = TeacherTask(data, teacher.text, args.p_uncond, args.shift, device, tuple(args.latent_lengths),
                        args.p_context)
     Trainer(teacher, task, config_from_args(args), out, device=device, resume=not args.no_resume,

@@ -178,6 +178,27 @@ def test_training_pipeline_end_to_end_on_tiny(tmp_path):
                                    "--pairs", str(tmp_path / "pairs.safetensors"), "--num-pairs", "3",
                                    "--latent-frames", "4", "--substeps", "1", "--out", str(tmp_path / "ode"),
                                    "--steps", "2"]) == 0
+    # a grown teacher (deeper, wider feed-forward) starts as the export's function, records its widths for resume,
+    # export and --eval, and its student takes its widths
+    grown = args + ["--out", str(tmp_path / "tg"), "--init", str(tmp_path / "t_out"), "--lr", "0"]
+    assert train_teacher.main(grown + ["--steps", "1", "--grow-layers", "3", "--grow-ffn", "80"]) == 0
+    assert train_teacher.run_model(tmp_path / "tg") == {"num_layers": 3, "ffn_dim": 80}
+    assert train_teacher.main(args + ["--out", str(tmp_path / "tg"), "--steps", "2"]) == 0  # resumes grown
+    assert train_teacher.main(common + ["--out", str(tmp_path / "tg"), "--export", str(tmp_path / "tg_out")]) == 0
+    for g in (train_teacher.load_teacher(tmp_path / "tg", "tiny", which="model"),
+              train_teacher.load_teacher(tmp_path / "tg_out", "tiny")):
+        assert len(g.transformer.blocks) == 3 and g.transformer.config.ffn_dim == 80
+        vg = g.transformer(x, torch.tensor([500.0]), encoder_hidden_states=emb, return_dict=False)[0]
+        torch.testing.assert_close(vg, vb, atol=2e-2, rtol=2e-2)
+    with pytest.raises(SystemExit) as e:  # a teacher only grows
+        train_teacher.main(grown + ["--steps", "1", "--grow-layers", "1"])
+    assert e.value.code == 2
+    assert ode_init.main(common + ["--teacher", str(tmp_path / "tg"), "--pairs", str(tmp_path / "pairs.safetensors"),
+                                   "--out", str(tmp_path / "ode_g"), "--steps", "1"]) == 0
+    assert ode_init.main(common + ["--teacher", str(tmp_path / "tg"), "--vae", str(tmp_path / "vae_out"),
+                                   "--out", str(tmp_path / "ode_g"), "--export", str(tmp_path / "student_g")]) == 0
+    mg = load_model_folder(tmp_path / "student_g").preset.model
+    assert (mg.num_layers, mg.ffn_dim) == (3, 80)
     out = tmp_path / "student"
     assert ode_init.main(common + ["--teacher", str(tmp_path / "teacher"), "--vae", str(tmp_path / "vae_out"),
                                    "--out", str(tmp_path / "ode"), "--export", str(out)]) == 0
@@ -215,6 +236,7 @@ def test_training_clis_bad_input_one_line_exit_2(tmp_path, capsys):
                               "--out", str(tmp_path / "t")], "not a VAE folder"),
         (ode_init.main, ["--teacher", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], "no checkpoint"),
         (train_teacher.main, ["--init", str(tmp_path / "nope"), "--out", str(tmp_path / "t")], "no such folder"),
+        (train_teacher.main, ["--grow-layers", "12", "--out", str(tmp_path / "t")], "give --init DIR"),
         (ode_init.main, ["--eval", "2", "--eval-sparse", "0"], "--eval-sparse"),
         (train_teacher.main, ["--renoise", "0.5", "--out", str(tmp_path / "t")], "needs --eval N"),
         (train_teacher.main, ["--eval", "2", "--renoise", "1.5", "--out", str(tmp_path / "t")], "sigmas in [0, 1]"),
@@ -365,6 +387,51 @@ def test_widened_decoder_decodes_as_the_narrow_one_and_its_new_channels_learn():
     assert w.grad[:, 8:].abs().sum() > 0  # the new input channels get a gradient from the first step
     with pytest.raises(ValueError, match="does not fit"):
         widen_decoder(narrow, wide.state_dict())
+
+
+@pytest.mark.parametrize("seed", [3, 11])
+def test_grown_teacher_computes_as_the_smaller_one_and_its_new_weights_learn(seed):
+    """grow_transformer: deeper (copied blocks whose residual outputs start at zero) and a wider feed-forward (new
+    hidden units nothing reads yet) compute exactly what the smaller transformer did, on random weights and inputs;
+    the zeroed projections and the new hidden units get a gradient; only depth and feed-forward width may differ."""
+    import dataclasses
+
+    from diffusers import WanTransformer3DModel
+
+    from distill.teacher import grow_transformer, grown_block_sources
+
+    assert grown_block_sources(8, 12) == [(0, False), (1, False), (1, True), (2, False), (3, False), (3, True),
+                                          (4, False), (5, False), (5, True), (6, False), (7, False), (7, True)]
+    for old, new in ((1, 1), (2, 7), (3, 4), (5, 16)):
+        src = grown_block_sources(old, new)
+        assert len(src) == new and [i for i, c in src if not c] == list(range(old))
+        assert all(i == src[j - 1][0] for j, (i, c) in enumerate(src) if c)  # a copy follows its original
+    cfg = get_preset("tiny").model
+    g = torch.Generator().manual_seed(seed)
+    small = WanTransformer3DModel(**cfg.diffusers_kwargs())
+    with torch.no_grad():
+        for v in small.parameters():
+            v.copy_(torch.randn(v.shape, generator=g) * 0.3)  # no zero-initialised branch to hide a mistake
+    big = WanTransformer3DModel(**dataclasses.replace(cfg, num_layers=5, ffn_dim=cfg.ffn_dim + 27).diffusers_kwargs())
+    grow_transformer(big, small.state_dict())
+    x = torch.randn(2, cfg.in_channels, 3, 6, 4, generator=g)
+    t, emb = torch.tensor([900.0, 130.0]), torch.randn(2, 5, cfg.text_dim, generator=g)
+    with torch.no_grad():
+        want = small(x, t, encoder_hidden_states=emb, return_dict=False)[0]
+    got = big(x, t, encoder_hidden_states=emb, return_dict=False)[0]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    got.square().mean().backward()
+    copy = big.blocks[grown_block_sources(2, 5).index((0, True))]
+    assert copy.attn1.to_out[0].weight.grad.abs().sum() > 0 and copy.ffn.net[2].weight.grad.abs().sum() > 0
+    assert big.blocks[0].ffn.net[2].weight.grad[:, cfg.ffn_dim:].abs().sum() > 0  # the new hidden units
+    other = WanTransformer3DModel(**dataclasses.replace(cfg, num_layers=5, freq_dim=48).diffusers_kwargs())
+    with pytest.raises(ValueError, match="only depth and feed-forward width may grow"):
+        grow_transformer(other, small.state_dict())
+    with pytest.raises(ValueError, match="cannot grow"):
+        grow_transformer(small, big.state_dict())
+    narrow = WanTransformer3DModel(**dataclasses.replace(cfg, num_layers=5).diffusers_kwargs())
+    with pytest.raises(ValueError, match="only depth and feed-forward width may grow"):
+        grow_transformer(narrow, big.state_dict())  # a narrower feed-forward
 
 
 def test_train_vae_widens_an_init_decoder_and_exports_its_width(tmp_path):
@@ -560,3 +627,30 @@ def test_renoise_eval_samples_from_each_sigma_and_an_exact_denoiser_gets_the_cli
     teacher.transformer, decoded[:] = real, []
     renoise_eval(teacher, vae, preset, n, frames, [1.0], steps=6, guidance=4.0, shift=3.0, batch=2)
     assert (torch.cat(decoded) - z0).abs().max() > 0.1
+
+
+def test_heldout_loss_is_the_flow_matching_loss_on_fresh_clips_whatever_the_batching():
+    """--heldout: at each sigma, the mean over clips of the per-clip flow-matching loss (with the first latent frame
+    clean in the context rows), the same for any batch size, and equal to the loss computed by hand."""
+    from distill.data import ShapesClips
+    from distill.train_teacher import heldout_loss, noisy_frames_loss
+    from engine.vae import VideoVAE
+
+    preset = get_preset("tiny")
+    vae = VideoVAE.from_config(preset.vae, seed=0)
+    teacher = _randomise(Teacher.from_preset(preset, seed=5), 5).eval()
+    a = heldout_loss(teacher, vae, preset, n=5, frames=9, sigmas=(0.9, 0.4), seed=77, batch=2)
+    b = heldout_loss(teacher, vae, preset, n=5, frames=9, sigmas=(0.9, 0.4), seed=77, batch=10)
+    assert a["loss"].keys() == {"sigma 0.9", "sigma 0.4", "context 1, sigma 0.9", "context 1, sigma 0.4"}
+    for k in a["loss"]:
+        assert abs(a["loss"][k] - b["loss"][k]) < 2e-5
+    prompts, video = ShapesClips(preset.width, preset.height, 9, seed=77).videos(range(5))
+    z0 = vae.encode(video)
+    eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(77))
+    sf = torch.full((5, z0.shape[2]), 0.4)
+    sf[:, 0] = 0.0
+    with torch.no_grad():
+        want = sum(float(noisy_frames_loss(teacher, z0[i:i + 1], eps[i:i + 1], sf[i:i + 1],
+                                           *teacher.text._tokenize(prompts[i:i + 1]))) for i in range(5)) / 5
+    assert abs(b["loss"]["context 1, sigma 0.4"] - want) < 2e-5
+    assert a["loss"]["sigma 0.4"] != a["loss"]["context 1, sigma 0.4"]
