@@ -91,8 +91,9 @@ _RESIDUAL_OUTPUTS = ("attn1.to_out.0.", "attn2.to_out.0.", "ffn.net.2.")
 
 
 def grown_block_sources(old_layers: int, new_layers: int) -> list[tuple[int, bool]]:
-    """Where each block of a deeper transformer comes from: (index of the old block, is it a new copy). The old blocks
-    keep their order; the new_layers - old_layers copies follow evenly spaced ones (8 -> 12: after blocks 1, 3, 5, 7)."""
+    """Where each block of a deeper transformer comes from: (index of the old block, is it a new copy). The old
+    blocks keep their order; the new_layers - old_layers copies follow evenly spaced ones (8 -> 12: after blocks 1,
+    3, 5 and 7)."""
     if not 1 <= old_layers <= new_layers:
         raise ValueError(f"cannot grow {old_layers} blocks into {new_layers}")
     extra = new_layers - old_layers
@@ -130,7 +131,7 @@ def grow_transformer(new: nn.Module, old: dict[str, torch.Tensor], scale: float 
             dst.zero_()
         elif src.shape == dst.shape:
             dst.copy_(src)
-        elif ffn_grows and (name.endswith("ffn.net.0.proj.weight") or name.endswith("ffn.net.0.proj.bias")):  # hidden units = rows
+        elif ffn_grows and name.endswith(("ffn.net.0.proj.weight", "ffn.net.0.proj.bias")):  # hidden units: rows
             fresh = dst * scale if dst.ndim > 1 else torch.zeros_like(dst)
             fresh[: src.shape[0]] = src
             dst.copy_(fresh)

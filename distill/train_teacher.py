@@ -95,11 +95,9 @@ def noisy_frames_loss(model, x0, eps, sf, ids, lengths, device="cpu") -> torch.T
     return err.sum() / (w.sum() * x0.shape[1] * x0.shape[3] * x0.shape[4])
 
 
-GROWABLE = ("num_layers", "ffn_dim")  # what --grow-layers / --grow-ffn change, and a run folder's teacher.json records
-
-
 def build(preset_name: str, seed: int = 0, text: str = "learned", model: dict | None = None) -> Teacher:
-    """A fresh teacher of the preset's widths, `model` overriding some of them (GROWABLE: a grown teacher's)."""
+    """A fresh teacher of the preset's widths, `model` overriding some of them (a grown teacher's depth and
+    feed-forward width)."""
     preset = get_preset(preset_name)
     if model:
         preset = preset.replace(model=dataclasses.replace(preset.model, **model))
@@ -218,10 +216,10 @@ def heldout_loss(teacher: Teacher, vae: VideoVAE, preset, n: int, frames: int, s
         for sig in sigmas:
             sf = torch.full((n, z0.shape[2]), float(sig))
             sf[:, :ctx] = 0.0
-            losses = [float(noisy_frames_loss(teacher, z0[i:i + batch], eps[i:i + batch], sf[i:i + batch],
-                                              *teacher.text._tokenize(prompts[i:i + batch]))) * len(prompts[i:i + batch])
-                      for i in range(0, n, batch)]
-            out[f"{'context 1, ' if ctx else ''}sigma {sig}"] = round(sum(losses) / n, 5)
+            total = sum(float(noisy_frames_loss(teacher, z0[i:i + batch], eps[i:i + batch], sf[i:i + batch],
+                                                *teacher.text._tokenize(prompts[i:i + batch]))) * len(z0[i:i + batch])
+                        for i in range(0, n, batch))  # batch means, weighted by their clips
+            out[f"{'context 1, ' if ctx else ''}sigma {sig}"] = round(total / n, 5)
     return {"clips": n, "frames": frames, "loss": out}
 
 
@@ -359,16 +357,14 @@ def _main(argv=None) -> int:
         p.error(f"--latent-lengths must lie in 1..{data.latents.shape[2]} (the cached clips' latent frames)")
     model = run_model(out)  # a resumed run's widths (a grown teacher's), else the preset's or the init's
     init = load_teacher(Path(args.init), args.preset) if args.init else None
-    if init is not None:
-        model = {k: init.transformer.config[k] for k in GROWABLE if init.transformer.config[k] != getattr(
-            preset.model, k)}
-        for k, v in (("num_layers", args.grow_layers), ("ffn_dim", args.grow_ffn)):
-            if v is not None:
-                if v < init.transformer.config[k]:
-                    p.error(f"--grow-{'layers' if k == 'num_layers' else 'ffn'} {v}: the init has "
-                            f"{init.transformer.config[k]} already (a teacher only grows)")
-                model[k] = v
-        model = {k: v for k, v in model.items() if v != getattr(preset.model, k)}
+    if init is not None:  # the init's widths, or what --grow-* asks
+        cfg = init.transformer.config
+        asked = {"num_layers": args.grow_layers, "ffn_dim": args.grow_ffn}
+        grown = {k: cfg[k] if v is None else v for k, v in asked.items()}
+        if any(grown[k] < cfg[k] for k in grown):
+            p.error(f"--grow-layers / --grow-ffn: the init has {cfg.num_layers} blocks and feed-forward width "
+                    f"{cfg.ffn_dim} already (a teacher only grows)")
+        model = {k: v for k, v in grown.items() if v != getattr(preset.model, k)}
     teacher = build(args.preset, args.seed, args.text, model)
     if init is not None:  # the optimiser starts afresh: a new run folder, not a resume
         same_text = init.text.cfg.fixed == (args.text == "fixed")
