@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from .shapes import MOTIONS, OBJECT_COLOURS, SHAPES, SIZES, SPEEDS, Scene, sample_spec
+from .shapes import Scene, sample_spec
 
 
 @dataclass(frozen=True)
@@ -27,58 +27,18 @@ class ShapesClips:
     two_objects: float = 0.3
     seed: int = 0
 
-    def scene(self, i: int) -> tuple[Scene, int]:
-        """Clip i's scene and its first frame's index in the scene's endless stream."""
+    def clip(self, i: int) -> tuple[str, np.ndarray]:
+        """(prompt, frames uint8 [T, H, W, 3]) of clip i."""
         rng = random.Random(f"{self.seed}/{i}")
         spec = sample_spec(rng, self.two_objects)
         scene = Scene.sample(spec, self.width, self.height, seed=rng.randrange(2**31))
-        return scene, rng.randrange(10_000)  # anywhere in an endless stream, not only its first frames
-
-    def clip(self, i: int) -> tuple[str, np.ndarray]:
-        """(prompt, frames uint8 [T, H, W, 3]) of clip i."""
-        scene, start = self.scene(i)
-        return scene.spec.text(), scene.render(self.num_frames, start=start)
+        start = rng.randrange(10_000)  # anywhere in an endless stream, not only its first frames
+        return spec.text(), scene.render(self.num_frames, start=start)
 
     def videos(self, ids) -> tuple[list[str], torch.Tensor]:
         """Prompts and a batch [B, 3, T, H, W] float32 in [-1, 1]."""
         prompts, frames = zip(*(self.clip(int(i)) for i in ids))
         return list(prompts), to_tensor(np.stack(frames))
-
-
-# What each object is, for `layout_targets`: one-hots of its words, then its velocity (in units of the fastest speed)
-# and a 1 (so that the first feature of a token is how much of it the objects cover).
-_WORDS = (tuple(OBJECT_COLOURS), SHAPES, tuple(SIZES), MOTIONS, tuple(SPEEDS))
-LAYOUT_FEATURES = 1 + sum(len(w) for w in _WORDS) + 2
-
-
-def _object_features(body, m: int) -> np.ndarray:
-    o = body.spec
-    hot = [np.eye(len(w), dtype=np.float32)[w.index(v)] for w, v in zip(_WORDS, (o.colour, o.shape, o.size, o.motion,
-                                                                                   o.speed))]
-    vel = np.array([body.vx, body.vy], dtype=np.float32) / (max(SPEEDS.values()) * m)
-    return np.concatenate([np.ones(1, np.float32), *hot, vel])
-
-
-def layout_targets(clips: ShapesClips, ids, latent_frames: int, temporal: int, grid: tuple[int, int]) -> torch.Tensor:
-    """What the renderer knows about each transformer token of each clip: [B, latent_frames, gh, gw,
-    LAYOUT_FEATURES], the sum over objects of (the fraction of the token's pixels and frames the object covers) x
-    (the object's features: 1, one-hots of its colour, shape, size, motion and speed words, its velocity). Latent
-    frame 0 stands for video frame 0 and latent frame k > 0 for frames t (k - 1) + 1 .. t k (the causal VAE's
-    framing), a token for an H / gh x W / gw block of pixels. A target for an auxiliary head on the teacher's
-    hidden states: where each object is and what it is, which the flow-matching loss rewards only faintly."""
-    gh, gw = grid
-    out = np.zeros((len(ids), latent_frames, gh, gw, LAYOUT_FEATURES), np.float32)
-    frames = 1 + temporal * (latent_frames - 1)
-    for b, i in enumerate(ids):
-        scene, start = clips.scene(int(i))
-        cover = scene.coverage(frames, start, supersample=1)  # [objects, T, H, W]
-        n, T, H, W = cover.shape
-        first, rest = cover[:, :1], cover[:, 1:].reshape(n, latent_frames - 1, temporal, H, W).mean(axis=2)
-        cover = np.concatenate([first, rest], axis=1)  # [objects, latent_frames, H, W]
-        cover = cover.reshape(n, latent_frames, gh, H // gh, gw, W // gw).mean(axis=(3, 5))
-        for body, c in zip(scene.bodies, cover):
-            out[b] += c[..., None] * _object_features(body, min(H, W))
-    return torch.from_numpy(out)
 
 
 def to_tensor(frames: np.ndarray) -> torch.Tensor:
@@ -135,11 +95,6 @@ class LatentSet:
 
     def __len__(self) -> int:
         return len(self.prompts)
-
-    @property
-    def temporal(self) -> int:
-        """Video frames per latent frame after the first (the VAE's temporal compression)."""
-        return (self.clips.num_frames - 1) // max(1, self.latents.shape[2] - 1)
 
     def get(self, ids) -> tuple[list[str], torch.Tensor]:
         idx = [int(i) % len(self) for i in ids]

@@ -218,27 +218,21 @@ class Scene:
 
     def render(self, num_frames: int, start: int = 0, supersample: int = 4) -> np.ndarray:
         """Frames start .. start + num_frames - 1 as uint8 [T, H, W, 3], anti-aliased by supersampling."""
-        img = np.empty((num_frames, self.height, self.width, 3), dtype=np.float32)
-        img[:] = np.asarray(BACKGROUNDS[self.spec.background], dtype=np.float32)
-        for b, alpha in zip(self.bodies, self.coverage(num_frames, start, supersample)):
-            img += alpha[..., None] * (np.asarray(OBJECT_COLOURS[b.spec.colour], dtype=np.float32) - img)
-        return np.clip(np.rint(img), 0, 255).astype(np.uint8)
-
-    def coverage(self, num_frames: int, start: int = 0, supersample: int = 4) -> np.ndarray:
-        """The fraction of each pixel every object covers, float32 [objects, T, H, W] (the renderer's alpha)."""
         W, H, k = self.width, self.height, supersample
         t = np.arange(start, start + num_frames, dtype=np.float64)
         # sample points at sub-pixel centres; shape tests use the toroidal offset from the object centre
         xs = (np.arange(W * k) + 0.5) / k
         ys = (np.arange(H * k) + 0.5) / k
-        out = np.empty((len(self.bodies), num_frames, H, W), dtype=np.float32)
-        for j, b in enumerate(self.bodies):
+        img = np.empty((num_frames, H, W, 3), dtype=np.float32)
+        img[:] = np.asarray(BACKGROUNDS[self.spec.background], dtype=np.float32)
+        for b in self.bodies:
             cx, cy = b.position(t, W, H)
             dx = np.mod(xs[None, :] - cx[:, None] + W / 2, W) - W / 2  # [T, W*k]
             dy = np.mod(ys[None, :] - cy[:, None] + H / 2, H) - H / 2  # [T, H*k]
             cover = _coverage(b.spec.shape, dx[:, None, :], dy[:, :, None], b.s)  # [T, H*k, W*k]
-            out[j] = cover.reshape(num_frames, H, k, W, k).mean(axis=(2, 4))
-        return out
+            alpha = cover.reshape(num_frames, H, k, W, k).mean(axis=(2, 4))[..., None]
+            img += alpha * (np.asarray(OBJECT_COLOURS[b.spec.colour], dtype=np.float32) - img)
+        return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
 def _coverage(shape: str, dx: np.ndarray, dy: np.ndarray, s: float) -> np.ndarray:

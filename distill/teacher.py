@@ -22,10 +22,9 @@ class Teacher(nn.Module):
     """transformer (diffusers, bidirectional) + text (ShapesTextEncoder), trained together (a fixed-code
     encoder has no parameters, so only the transformer trains)."""
 
-    def __init__(self, transformer: WanTransformer3DModel, text: ShapesTextEncoder, layout: nn.Module | None = None):
+    def __init__(self, transformer: WanTransformer3DModel, text: ShapesTextEncoder):
         super().__init__()
         self.transformer, self.text = transformer, text
-        self.layout = layout  # training only (LayoutHead, --layout-weight): never exported
 
     @classmethod
     def from_preset(cls, preset, seed: int = 0, text: str = "learned") -> "Teacher":
@@ -40,39 +39,14 @@ class Teacher(nn.Module):
         cfg = ShapesTextConfig.fixed_code(dim=d) if text == "fixed" else ShapesTextConfig(dim=d)
         return cls(tr, ShapesTextEncoder(cfg, seed=seed))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor,
-                layout_block: int | None = None):
+    def forward(self, x: torch.Tensor, t: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """x [B, C, F, h, w] noisy latents, t [B] or per frame [B, F] in 0..1000, ids/lengths from
-        text._tokenize -> v [B, C, F, h, w]. With layout_block k, also the layout head's reading of the output of
-        block k: [B, F * tokens per frame, LAYOUT_FEATURES] (tokens in diffusers' order: frame, row, column)."""
+        text._tokenize -> v [B, C, F, h, w]."""
         emb = self.text(ids, lengths)
         if t.ndim == 2:  # diffusers takes per-token timesteps [B, F * tokens per frame] (Wan 2.2's TI2V path)
             _, ph, pw = self.transformer.config.patch_size
             t = t.repeat_interleave((x.shape[3] // ph) * (x.shape[4] // pw), dim=1)
-        if layout_block is None:
-            return self.transformer(x, t, encoder_hidden_states=emb, return_dict=False)[0]
-        seen = []
-        hook = self.transformer.blocks[layout_block].register_forward_hook(lambda m, i, out: seen.append(out))
-        try:
-            v = self.transformer(x, t, encoder_hidden_states=emb, return_dict=False)[0]
-        finally:
-            hook.remove()
-        return v, self.layout(seen[0])
-
-
-class LayoutHead(nn.Module):
-    """Reads where each object is and what it is (distill.data.layout_targets) from a block's hidden states [B, L,
-    dim] -> [B, L, features]: an auxiliary loss during training (as REPA aligns a diffusion transformer's hidden states
-    with an encoder's features), discarded afterwards. A small MLP, so that the block need not hold the targets in
-    exactly this linear form."""
-
-    def __init__(self, dim: int, features: int):
-        super().__init__()
-        self.net = nn.Sequential(nn.LayerNorm(dim, elementwise_affine=False), nn.Linear(dim, dim), nn.SiLU(),
-                                 nn.Linear(dim, features))
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.net(h)
+        return self.transformer(x, t, encoder_hidden_states=emb, return_dict=False)[0]
 
 
 def sigma_schedule(steps: int, shift: float) -> torch.Tensor:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import random
 import sys
 from pathlib import Path
@@ -39,9 +38,9 @@ from engine.config import get_preset
 from engine.text import ShapesTextEncoder
 from engine.vae import VideoVAE
 
-from .data import LAYOUT_FEATURES, LatentSet, ShapesClips, encode_clips, layout_targets, to_uint8
+from .data import LatentSet, ShapesClips, encode_clips, to_uint8
 from .shapes import sample_prompt
-from .teacher import TEXT_KINDS, LayoutHead, Teacher, grow_transformer, sample, shift_sigma, sigma_schedule
+from .teacher import TEXT_KINDS, Teacher, grow_transformer, sample, shift_sigma, sigma_schedule
 from .trainer import Trainer, add_train_args, config_from_args, load_weights, setup_distributed
 
 
@@ -53,33 +52,26 @@ class TeacherTask:
     the token count."""
 
     def __init__(self, data: LatentSet, tokenizer: ShapesTextEncoder, p_uncond: float, shift: float, device,
-                 lengths: tuple[int, ...] = (), p_context: float = 0.0, layout: tuple[float, int, tuple] | None = None):
-        """layout: (weight, block, token grid) adds weight x the layout head's error on layout_targets, read from
-        that block's output."""
+                 lengths: tuple[int, ...] = (), p_context: float = 0.0):
         self.data, self.tok, self.p_uncond, self.shift, self.device = data, tokenizer, p_uncond, shift, device
-        self.lengths, self.p_context, self.layout = lengths, p_context, layout
-        if layout:  # every cached clip's targets, once (a fraction of a second per 100 clips)
-            self.targets = layout_targets(data.clips, range(len(data)), data.latents.shape[2], data.temporal, layout[2])
+        self.lengths, self.p_context = lengths, p_context
 
     def batch(self, ids):
         prompts, x0 = self.data.get(ids)
-        target = self.targets[[int(i) % len(self.data) for i in ids]] if self.layout else None
         if self.lengths:
             n = self.lengths[int(ids[0]) // len(ids) % len(self.lengths)]  # micro-batches cycle through them
             x0 = x0[:, :, :n]
-            target = target[:, :n] if target is not None else None
-        return prompts, x0, target
+        return prompts, x0
 
     def loss(self, model, batch, gen):
-        prompts, x0, target = batch
+        prompts, x0 = batch
         B = x0.shape[0]
         drop = torch.rand(B, generator=gen) < self.p_uncond
         ids, lengths = self.tok._tokenize(["" if d else p for p, d in zip(prompts, drop.tolist())])
         sigma = shift_sigma(torch.rand(B, generator=gen), self.shift)
         eps = torch.randn(x0.shape, generator=gen)
         nf = x0.shape[2]
-        context = self.p_context and nf >= 2
-        if not context and not self.layout:
+        if not self.p_context or nf < 2:
             s = sigma.view(B, 1, 1, 1, 1)
             xt = ((1 - s) * x0 + s * eps).to(self.device)
             v = model(xt, (sigma * 1000).to(self.device), ids.to(self.device), lengths.to(self.device))
@@ -88,32 +80,19 @@ class TeacherTask:
         # from 1..F-1) and is scored on the rest. Knowing where the objects were, the later frames depend on
         # the direction and speed words, a signal that whole-clip noise hardly gives (at high sigma the mean
         # over start positions is the same for every direction). It is also the student's streaming setting.
-        n_ctx = (torch.randint(1, nf, (B,), generator=gen) * (torch.rand(B, generator=gen) < self.p_context)
-                 if context else torch.zeros(B, dtype=torch.long))
+        n_ctx = torch.randint(1, nf, (B,), generator=gen) * (torch.rand(B, generator=gen) < self.p_context)
         sf = sigma[:, None] * (torch.arange(nf)[None, :] >= n_ctx[:, None])  # [B, F] per-frame sigma
-        if not self.layout:
-            return noisy_frames_loss(model, x0, eps, sf, ids, lengths, self.device), {}
-        weight, block, _ = self.layout
-        fm, aux = noisy_frames_loss(model, x0, eps, sf, ids, lengths, self.device, (block, target))
-        return fm + weight * aux, {"flow": fm.detach(), "layout": aux.detach()}
+        return noisy_frames_loss(model, x0, eps, sf, ids, lengths, self.device), {}
 
 
-def noisy_frames_loss(model, x0, eps, sf, ids, lengths, device="cpu", layout=None):
-    """Flow-matching MSE at per-frame sigmas sf [B, F]: frames at sigma 0 go in clean and are not scored.
-    layout (block, targets [B, F, gh, gw, features]): also returns the layout head's error, the squared distance to
-    the targets summed over features and averaged over every token (clean frames too)."""
+def noisy_frames_loss(model, x0, eps, sf, ids, lengths, device="cpu") -> torch.Tensor:
+    """Flow-matching MSE at per-frame sigmas sf [B, F]: frames at sigma 0 go in clean and are not scored."""
     s = sf.view(*sf.shape[:1], 1, sf.shape[1], 1, 1)
     xt = ((1 - s) * x0 + s * eps).to(device)
-    out = model(xt, (sf * 1000).to(device), ids.to(device), lengths.to(device),
-                **({"layout_block": layout[0]} if layout else {}))
-    v, read = out if layout else (out, None)
+    v = model(xt, (sf * 1000).to(device), ids.to(device), lengths.to(device))
     w = (s > 0).to(device, v.dtype)
     err = (v - (eps - x0).to(device)).square() * w
-    fm = err.sum() / (w.sum() * x0.shape[1] * x0.shape[3] * x0.shape[4])
-    if not layout:
-        return fm
-    target = layout[1].to(device, read.dtype).flatten(1, 3)  # [B, F * gh * gw, features]: diffusers' token order
-    return fm, (read - target).square().sum(-1).mean()
+    return err.sum() / (w.sum() * x0.shape[1] * x0.shape[3] * x0.shape[4])
 
 
 def build(preset_name: str, seed: int = 0, text: str = "learned", model: dict | None = None) -> Teacher:
@@ -133,7 +112,7 @@ def load_teacher(run: Path, preset_name: str, which: str = "ema") -> Teacher:
         tr = WanTransformer3DModel.from_pretrained(str(run / "transformer")).float()
         t = Teacher(tr, ShapesTextEncoder.from_folder(run / "text_encoder").float())
     else:
-        state = {k: v for k, v in load_weights(run, which).items() if not k.startswith("layout.")}  # training only
+        state = load_weights(run, which)
         t = build(preset_name, text="fixed" if "text.word_code" in state else "learned", model=run_model(run))
         t.load_state_dict(state, strict=True)
     return t.eval().requires_grad_(False)
@@ -307,10 +286,6 @@ def _main(argv=None) -> int:
                         "start as the identity (so it starts as the init's function)")
     p.add_argument("--grow-ffn", type=int, metavar="N",
                    help="with --init: feed-forward width N, the new hidden units read by nothing at first")
-    p.add_argument("--layout-weight", type=float, default=0.0, metavar="W",
-                   help="add W x an auxiliary loss: a small head reads from --layout-block's output where each "
-                        "object is and what it is (the renderer knows; the flow-matching loss rewards it faintly)")
-    p.add_argument("--layout-block", type=int, default=2, metavar="K", help="the block whose output the head reads")
     p.add_argument("--text", choices=TEXT_KINDS, default="learned",
                    help="text encoder: a small transformer trained with the teacher, or a fixed word code "
                         "(nothing to train; every word stays distinct)")
@@ -344,8 +319,6 @@ def _main(argv=None) -> int:
                     ("--heldout", args.heldout), ("--steps-sample", args.steps_sample)):
         if v is not None and v < 1:
             p.error(f"{flag} must be >= 1, got {v}")
-    if not (math.isfinite(args.layout_weight) and args.layout_weight >= 0):
-        p.error(f"--layout-weight {args.layout_weight}: must be >= 0 (0: no layout head)")
     if not (args.shift > 0 and 0.0 <= args.p_uncond <= 1.0 and args.render_workers >= 0):
         p.error(f"--shift must be positive, --p-uncond in [0, 1] and --render-workers >= 0 (got {args.shift}, "
                 f"{args.p_uncond} and {args.render_workers})")
@@ -398,26 +371,13 @@ def _main(argv=None) -> int:
         if same_text:
             teacher.text.load_state_dict(init.text.state_dict(), strict=True)
         grow_transformer(teacher.transformer, init.transformer.state_dict())  # a plain copy unless it grows
-    f = out / "teacher.json"  # a resumed run keeps its layout head unless told otherwise
-    recorded = json.loads(f.read_text()).get("layout") if f.is_file() else None
-    if recorded and not args.layout_weight:
-        args.layout_weight, args.layout_block = recorded["weight"], recorded["block"]
-    if args.layout_weight:
-        if not 0 <= args.layout_block < teacher.transformer.config.num_layers:
-            p.error(f"--layout-block {args.layout_block}: the teacher has blocks 0.."
-                    f"{teacher.transformer.config.num_layers - 1}")
-        teacher.layout = LayoutHead(teacher.transformer.config.num_attention_heads
-                                    * teacher.transformer.config.attention_head_dim, LAYOUT_FEATURES)
     teacher = teacher.to(device)
     if rank == 0:  # so --export, --eval and a resume know the preset (and a grown teacher's widths)
         out.mkdir(parents=True, exist_ok=True)
-        layout = {"weight": args.layout_weight, "block": args.layout_block} if args.layout_weight else None
-        (out / "teacher.json").write_text(json.dumps({"preset": args.preset, **({"model": model} if model else {}),
-                                                      **({"layout": layout} if layout else {})}) + "\n")
-    _, ph, pw = teacher.transformer.config.patch_size
-    grid = (data.latents.shape[3] // ph, data.latents.shape[4] // pw)
+        (out / "teacher.json").write_text(json.dumps({"preset": args.preset, **({"model": model} if model else {})})
+                                          + "\n")
     task = TeacherTask(data, teacher.text, args.p_uncond, args.shift, device, tuple(args.latent_lengths),
-                       args.p_context, (args.layout_weight, args.layout_block, grid) if args.layout_weight else None)
+                       args.p_context)
     Trainer(teacher, task, config_from_args(args), out, device=device, resume=not args.no_resume,
             quiet=args.quiet).run()
     return 0

@@ -193,19 +193,6 @@ def test_training_pipeline_end_to_end_on_tiny(tmp_path):
     with pytest.raises(SystemExit) as e:  # a teacher only grows
         train_teacher.main(grown + ["--steps", "1", "--grow-layers", "1"])
     assert e.value.code == 2
-    # --layout-weight: the head trains with the teacher; the run keeps it (a resume without the flag too), the
-    # export and load_teacher drop it
-    lay = args + ["--out", str(tmp_path / "tl"), "--layout-weight", "1", "--layout-block", "1"]
-    assert train_teacher.main(lay + ["--steps", "1"]) == 0
-    assert train_teacher.main(args + ["--out", str(tmp_path / "tl"), "--steps", "2"]) == 0
-    assert any(k.startswith("layout.") for k in load_weights(tmp_path / "tl"))
-    assert train_teacher.main(common + ["--out", str(tmp_path / "tl"), "--export", str(tmp_path / "tl_out")]) == 0
-    assert train_teacher.load_teacher(tmp_path / "tl", "tiny").layout is None
-    assert train_teacher.load_teacher(tmp_path / "tl_out", "tiny").layout is None
-    with pytest.raises(SystemExit) as e:  # the tiny teacher has blocks 0 and 1
-        train_teacher.main(args + ["--out", str(tmp_path / "tl2"), "--steps", "1", "--layout-weight", "1",
-                                   "--layout-block", "2"])
-    assert e.value.code == 2
     assert ode_init.main(common + ["--teacher", str(tmp_path / "tg"), "--pairs", str(tmp_path / "pairs.safetensors"),
                                    "--out", str(tmp_path / "ode_g"), "--steps", "1"]) == 0
     assert ode_init.main(common + ["--teacher", str(tmp_path / "tg"), "--vae", str(tmp_path / "vae_out"),
@@ -250,7 +237,6 @@ def test_training_clis_bad_input_one_line_exit_2(tmp_path, capsys):
         (ode_init.main, ["--teacher", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], "no checkpoint"),
         (train_teacher.main, ["--init", str(tmp_path / "nope"), "--out", str(tmp_path / "t")], "no such folder"),
         (train_teacher.main, ["--grow-layers", "12", "--out", str(tmp_path / "t")], "give --init DIR"),
-        (train_teacher.main, ["--layout-weight", "-1", "--out", str(tmp_path / "t")], "--layout-weight -1.0: must be"),
         (ode_init.main, ["--eval", "2", "--eval-sparse", "0"], "--eval-sparse"),
         (train_teacher.main, ["--renoise", "0.5", "--out", str(tmp_path / "t")], "needs --eval N"),
         (train_teacher.main, ["--eval", "2", "--renoise", "1.5", "--out", str(tmp_path / "t")], "sigmas in [0, 1]"),
@@ -668,104 +654,3 @@ def test_heldout_loss_is_the_flow_matching_loss_on_fresh_clips_whatever_the_batc
                                            *teacher.text._tokenize(prompts[i:i + 1]))) for i in range(5)) / 5
     assert abs(b["loss"]["context 1, sigma 0.4"] - want) < 2e-5
     assert a["loss"]["sigma 0.4"] != a["loss"]["context 1, sigma 0.4"]
-
-
-@pytest.mark.parametrize("seed", [5, 11])
-def test_layout_targets_say_where_each_object_is_and_what_it_is(seed):
-    """distill.data.layout_targets against a slow loop over tokens, and against what the prompt says: the first
-    feature is the objects' coverage of the token (over its pixels and its latent frame's video frames), the
-    others that times the covering object's word one-hots and velocity."""
-    import math
-
-    import numpy as np
-
-    from distill.data import LAYOUT_FEATURES, ShapesClips, layout_targets
-    from distill.shapes import FILL_RATIO, MOTIONS, OBJECT_COLOURS, SHAPES
-
-    clips = ShapesClips(48, 32, 9, seed=seed)  # tokens of 8 x 8 px: a 4 x 6 grid, 5 latent frames of 1, 2, 2, 2, 2
-    ids = list(range(10))
-    tg = layout_targets(clips, ids, 5, 2, (4, 6)).numpy()
-    assert tg.shape == (10, 5, 4, 6, LAYOUT_FEATURES)
-    frames = [[0], [1, 2], [3, 4], [5, 6], [7, 8]]
-    singles = 0
-    for b, i in enumerate(ids):
-        scene, start = clips.scene(i)
-        cover = scene.coverage(9, start, supersample=1)  # [objects, 9, 32, 48]
-        for k, fr in enumerate(frames):
-            for r in range(4):
-                for c in range(6):
-                    want = cover[:, fr, r * 8:(r + 1) * 8, c * 8:(c + 1) * 8].mean(axis=(1, 2, 3)).sum()
-                    assert abs(tg[b, k, r, c, 0] - want) < 1e-5
-        if len(scene.bodies) > 1:
-            continue
-        singles += 1
-        body, o = scene.bodies[0], scene.bodies[0].spec
-        area = tg[b, 0, ..., 0].sum() * 64  # pixels covered in frame 0: the shape's area (it wraps around whole)
-        assert abs(area - FILL_RATIO[o.shape] * (2 * body.s) ** 2) < 0.2 * area  # pixel-centre sampling of a 6 px shape
-        feats = tg[b][tg[b, ..., 0] > 0.05]  # tokens the object covers: features / coverage = the object's words
-        words = feats[:, 1:-2] / feats[:, :1]
-        colour, shape = words[:, :len(OBJECT_COLOURS)], words[:, len(OBJECT_COLOURS):len(OBJECT_COLOURS) + 3]
-        assert np.allclose(colour, np.eye(len(OBJECT_COLOURS))[list(OBJECT_COLOURS).index(o.colour)], atol=1e-5)
-        assert np.allclose(shape, np.eye(3)[SHAPES.index(o.shape)], atol=1e-5)
-        motion = words[:, -9:-3]  # then the motion's one-hot, the speed's, and the velocity
-        assert np.allclose(motion, np.eye(len(MOTIONS))[MOTIONS.index(o.motion)], atol=1e-5)
-        vel = feats[:, -2:] / feats[:, :1]
-        assert np.allclose(vel * 0.03 * 32, [body.vx, body.vy], atol=1e-4)
-        assert (math.hypot(*vel[0]) > 0) == (o.motion != "still")
-    assert singles >= 3
-
-
-def test_teacher_layout_head_reads_a_block_and_leaves_the_prediction_alone():
-    """Teacher(..., layout_block=k) predicts the same v and reads block k's output in diffusers' token order (frame,
-    row, column: the order layout_targets flattens to); TeacherTask with --layout-weight draws the same noise and
-    computes the same flow-matching loss as without, plus the head's error, and both reach the trunk."""
-    from distill.data import LAYOUT_FEATURES, ShapesClips
-    from distill.teacher import LayoutHead
-    from distill.train_teacher import TeacherTask
-
-    preset = get_preset("tiny")
-    teacher = _randomise(Teacher.from_preset(preset, seed=3), 3)
-    teacher.layout = LayoutHead(2 * 12, LAYOUT_FEATURES)
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 4, 3, 4, 6, generator=g)  # 3 frames of a 2 x 3 token grid
-    ids, lengths = teacher.text._tokenize(["a red circle moving left on a black background", ""])
-    t = torch.tensor([300.0, 700.0])
-    seen = {}
-    hooks = [teacher.transformer.patch_embedding.register_forward_hook(lambda m, i, o: seen.update(grid=o)),
-             teacher.transformer.blocks[1].register_forward_hook(lambda m, i, o: seen.update(out=o)),
-             teacher.transformer.blocks[0].register_forward_pre_hook(lambda m, a: seen.update(tokens=a[0]))]
-    with torch.no_grad():
-        v = teacher(x, t, ids, lengths)
-        v2, read = teacher(x, t, ids, lengths, layout_block=1)
-    for h in hooks:
-        h.remove()
-    torch.testing.assert_close(v2, v, atol=0, rtol=0)
-    torch.testing.assert_close(read, teacher.layout(seen["out"]))
-    assert read.shape == (2, 3 * 2 * 3, LAYOUT_FEATURES)
-    for f, r, c in ((0, 0, 0), (2, 1, 0), (1, 0, 2)):
-        torch.testing.assert_close(seen["tokens"][:, (f * 2 + r) * 3 + c], seen["grid"][:, :, f, r, c])
-
-    class Data:
-        clips, latents, temporal = ShapesClips(32, 32, 9, seed=3), torch.randn(4, 4, 5, 4, 4, generator=g), 2
-
-        def __len__(self):
-            return 4
-
-        def get(self, i):
-            return [self.clips.clip(int(j))[0] for j in i], self.latents[[int(j) for j in i]]
-
-    plain = TeacherTask(Data(), teacher.text, 0.0, 3.0, "cpu", p_context=0.5)
-    task = TeacherTask(Data(), teacher.text, 0.0, 3.0, "cpu", p_context=0.5, layout=(2.0, 0, (2, 2)))
-    batch = task.batch([0, 1, 2, 3])
-    assert batch[2].shape == (4, 5, 2, 2, LAYOUT_FEATURES) and batch[2][..., 0].sum() > 0
-    want, _ = plain.loss(teacher, plain.batch([0, 1, 2, 3]), torch.Generator().manual_seed(4))
-    loss, m = task.loss(teacher, batch, torch.Generator().manual_seed(4))
-    torch.testing.assert_close(m["flow"], want.detach())
-    torch.testing.assert_close(loss, m["flow"] + 2.0 * m["layout"])
-    teacher.zero_grad()
-    m["layout"].requires_grad_(False)
-    (loss - want).backward()  # the head's term alone
-    assert teacher.layout.net[1].weight.grad.abs().sum() > 0
-    assert teacher.transformer.blocks[0].ffn.net[2].weight.grad.abs().sum() > 0  # the trunk up to block 0
-    assert teacher.transformer.blocks[1].ffn.net[2].weight.grad is None or \
-        teacher.transformer.blocks[1].ffn.net[2].weight.grad.abs().sum() == 0  # nothing after it
