@@ -14,6 +14,7 @@
 # grows that teacher to N blocks first (train_teacher --grow-layers):
 #   PRESET=shapes VAE=runs/vae-t4 LENGTHS="5 5 9" bash distill/gpu_teacher.sh "$OUT" 7
 #   INIT=assets/shapes-teacher GROW=12 bash distill/gpu_teacher.sh "$OUT" 7
+#   PRESET=shapes-t2-p2 bash distill/gpu_teacher.sh "$OUT" 7      # 2x2 patches on the shipped latents, from scratch
 set -euo pipefail
 PRESET=${PRESET:-shapes-t2}
 VAE=${VAE:-assets/shapes/vae}

@@ -9,7 +9,8 @@ VAEConfig    - a diffusers `AutoencoderKLWan` configuration.
 Preset       - all of the above plus the video geometry (pixels, fps) a model was built for.
 
 Presets: `tiny` (tests), `shapes` (the first Shapes layout: CPU real time), `shapes-t2` (the built-in model's: the
-same widths, a latent frame per 2 video frames), `shapes-p2` (a 2x2-patch candidate), `wan2.1-1.3b` (real widths).
+same widths, a latent frame per 2 video frames), `shapes-p2` and `shapes-t2-p2` (2x2-patch candidates on the two
+latent layouts), `wan2.1-1.3b` (real widths).
 """
 
 from __future__ import annotations
@@ -241,6 +242,12 @@ PRESETS["shapes-p2"] = PRESETS["shapes"].replace(name="shapes-p2", model=datacla
 # step): its folder's config says so, and loading reads the folder, not this preset.
 PRESETS["shapes-t2"] = PRESETS["shapes"].replace(name="shapes-t2", vae=dataclasses.replace(
     PRESETS["shapes"].vae, temperal_downsample=(False, True), scale_factor_temporal=2))
+
+# `shapes-p2`'s transformer on the built-in model's latents (assets/shapes/vae): the layout a GPU run tests next. The
+# 4x4-patch teacher draws shape and direction at chance (README, "What the teacher gets wrong"): a token there covers
+# 16x16 px, so an object's whole motion across a chunk (1-8 px) lies inside one token, and only the output projection
+# of that token's vector can draw it; with 2x2 patches it crosses tokens, which attention moves between.
+PRESETS["shapes-t2-p2"] = PRESETS["shapes-t2"].replace(name="shapes-t2-p2", model=PRESETS["shapes-p2"].model)
 
 
 def get_preset(name: str) -> Preset:
