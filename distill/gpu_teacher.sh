@@ -15,8 +15,22 @@
 #   PRESET=shapes VAE=runs/vae-t4 LENGTHS="5 5 9" bash distill/gpu_teacher.sh "$OUT" 7
 #   INIT=assets/shapes-teacher GROW=12 bash distill/gpu_teacher.sh "$OUT" 7
 #   PRESET=shapes-t2-p2 bash distill/gpu_teacher.sh "$OUT" 7      # 2x2 patches on the shipped latents, from scratch
+# NAME names the run folder (runs/NAME) and the files in OUTDIR (NAME-log.jsonl, NAME/, NAME-eval.txt,
+# NAME-heldout.txt), so two runs can share a lease and a GPU: the 4x4- against the 2x2-patch teacher, both from
+# scratch on the same clips (README, "What the teacher gets wrong"):
+#   PRESET=shapes-t2 NAME=teacher-p4 bash distill/gpu_teacher.sh "$OUT" 5 &
+#   PRESET=shapes-t2-p2 NAME=teacher-p2 bash distill/gpu_teacher.sh "$OUT" 5; wait
+# CLIPS, BATCH, AMP, WORKERS, EVAL (prompts) and HELDOUT (clips) shrink it for a dry run on a CPU, e.g.
+#   CLIPS=8 BATCH=2 AMP=none WORKERS=0 EVAL=2 HELDOUT=2 bash distill/gpu_teacher.sh /tmp/dry 0.1
 set -euo pipefail
 PRESET=${PRESET:-shapes-t2}
+NAME=${NAME:-teacher-gpu}
+CLIPS=${CLIPS:-10000}
+BATCH=${BATCH:-64}
+AMP=${AMP:-bf16}
+WORKERS=${WORKERS:-12}
+EVAL=${EVAL:-50}
+HELDOUT=${HELDOUT:-64}
 VAE=${VAE:-assets/shapes/vae}
 LENGTHS=${LENGTHS:-5 9 17}
 INIT=${INIT:+--init $INIT}
@@ -24,13 +38,14 @@ if [[ -n "${GROW:-}" && -z "$INIT" ]]; then echo "GROW=$GROW needs INIT (the tea
 GROW=${GROW:+--grow-layers $GROW}
 OUTDIR=${1:?usage: bash distill/gpu_teacher.sh OUTDIR [MINUTES]}
 MINUTES=${2:-7}
-RUN=runs/teacher-gpu
+RUN=runs/$NAME
 mkdir -p "$OUTDIR"
-python -m distill.train_teacher --preset "$PRESET" --vae "$VAE" --latents "runs/latents-gpu-$PRESET.safetensors" \
-    --clips 10000 --render-workers 12 --out "$RUN" --text fixed --batch-size 64 --lr 3e-4 --warmup 500 \
-    --steps 1000000 --max-minutes "$MINUTES" --amp bf16 --shift 5 --latent-lengths $LENGTHS --p-context 0.3 \
-    --ckpt-every 5000 --log-every 100 --quiet $INIT $GROW
-cp "$RUN/log.jsonl" "$OUTDIR/teacher-gpu-log.jsonl"
-python -m distill.train_teacher --preset "$PRESET" --vae "$VAE" --out "$RUN" --export "$OUTDIR/teacher-gpu" \
-    --export-shard-mb 12 --eval 50 | tee "$OUTDIR/teacher-gpu-eval.txt"
-python -m distill.train_teacher --preset "$PRESET" --vae "$VAE" --out "$RUN" --heldout 64 | tee "$OUTDIR/teacher-gpu-heldout.txt"
+python -m distill.train_teacher --preset "$PRESET" --vae "$VAE" --latents "runs/latents-gpu-$PRESET-$CLIPS.safetensors" \
+    --clips "$CLIPS" --render-workers "$WORKERS" --out "$RUN" --text fixed --batch-size "$BATCH" --lr 3e-4 \
+    --warmup 500 --steps 1000000 --max-minutes "$MINUTES" --amp "$AMP" --shift 5 --latent-lengths $LENGTHS \
+    --p-context 0.3 --ckpt-every 5000 --log-every 100 --quiet $INIT $GROW
+cp "$RUN/log.jsonl" "$OUTDIR/$NAME-log.jsonl"
+python -m distill.train_teacher --preset "$PRESET" --vae "$VAE" --out "$RUN" --export "$OUTDIR/$NAME" \
+    --export-shard-mb 12 --eval "$EVAL" | tee "$OUTDIR/$NAME-eval.txt"
+python -m distill.train_teacher --preset "$PRESET" --vae "$VAE" --out "$RUN" --heldout "$HELDOUT" \
+    | tee "$OUTDIR/$NAME-heldout.txt"
