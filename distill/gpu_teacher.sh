@@ -7,7 +7,8 @@
 # adherence ~0.5 (README, "Where the teacher stands"); this measures what 10-30x the samples buy at the same size.
 # Steps: render 10,000 clips in worker processes and encode them on the GPU; train with the fixed text code, bf16
 # autocast, 64 clips a step, until MINUTES have passed (a checkpoint is saved when time is up); then write to
-# OUTDIR the log, the teacher (fp16, in files under 16 MB) and its oracle adherence on 50 prompts.
+# OUTDIR the log, the teacher (fp16, in files under 16 MB), its oracle adherence on 50 prompts, the same given each
+# clip's first latent frame (--context 1: how well it continues a clip, motion words included) and its held-out loss.
 # Every file this writes sits at most two folders below OUTDIR.
 # The layout is the shipped model's (preset shapes-t2, its VAE in assets/shapes/vae). PRESET, VAE and LENGTHS pick
 # another; INIT starts from a teacher instead of from scratch (e.g. INIT=assets/shapes-teacher), and GROW=N with it
@@ -16,8 +17,8 @@
 #   INIT=assets/shapes-teacher GROW=12 bash distill/gpu_teacher.sh "$OUT" 7
 #   PRESET=shapes-t2-p2 bash distill/gpu_teacher.sh "$OUT" 7      # 2x2 patches on the shipped latents, from scratch
 # NAME names the run folder (runs/NAME) and the files in OUTDIR (NAME-log.jsonl, NAME/, NAME-eval.txt,
-# NAME-heldout.txt), so two runs can share a lease and a GPU: the 4x4- against the 2x2-patch teacher, both from
-# scratch on the same clips (README, "What the teacher gets wrong"):
+# NAME-context.txt, NAME-heldout.txt), so two runs can share a lease and a GPU: the 4x4- against the 2x2-patch
+# teacher, both from scratch on the same clips (README, "What the teacher gets wrong"):
 #   PRESET=shapes-t2 NAME=teacher-p4 bash distill/gpu_teacher.sh "$OUT" 5 &
 #   PRESET=shapes-t2-p2 NAME=teacher-p2 bash distill/gpu_teacher.sh "$OUT" 5; wait
 # CLIPS, BATCH, AMP, WORKERS, EVAL (prompts) and HELDOUT (clips) shrink it for a dry run on a CPU, e.g.
@@ -47,5 +48,7 @@ python -m distill.train_teacher --preset "$PRESET" --vae "$VAE" --latents "runs/
 cp "$RUN/log.jsonl" "$OUTDIR/$NAME-log.jsonl"
 python -m distill.train_teacher --preset "$PRESET" --vae "$VAE" --out "$RUN" --export "$OUTDIR/$NAME" \
     --export-shard-mb 12 --eval "$EVAL" | tee "$OUTDIR/$NAME-eval.txt"
+python -m distill.train_teacher --preset "$PRESET" --vae "$VAE" --out "$RUN" --eval "$EVAL" --context 1 \
+    | tee "$OUTDIR/$NAME-context.txt"
 python -m distill.train_teacher --preset "$PRESET" --vae "$VAE" --out "$RUN" --heldout "$HELDOUT" \
     | tee "$OUTDIR/$NAME-heldout.txt"

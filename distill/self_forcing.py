@@ -75,6 +75,9 @@ class DMDConfig:
     gan_layer: int = -1  # the critic block whose tokens the head reads (-1: the middle one, DMD2's bottleneck)
     gan_shift: float = 1.0  # the GAN's noise levels: uniform in [t_min, t_max], shifted by this (1: not shifted;
     # at the DMD's shift 5 most samples are so noisy that real and student clips look alike)
+    context_frames: int = 0  # up to this many latent frames before the scored chunks go to the teacher and the
+    # critic clean (timestep 0, as the teacher's --p-context trains it): the real score is then the teacher's
+    # continuation of the rollout so far, not its joint generation of the scored chunks alone (0: off)
 
     def __post_init__(self):
         if self.ttur < 1 or self.dmd_chunks < 1:
@@ -83,6 +86,8 @@ class DMDConfig:
             raise ValueError(f"every rollout length {list(self.rollout_chunks)} must be >= dmd_chunks {self.dmd_chunks}")
         if not 0.0 <= self.t_min < self.t_max <= 1.0:
             raise ValueError(f"need 0 <= t_min < t_max <= 1, got {self.t_min}, {self.t_max}")
+        if self.context_frames < 0:
+            raise ValueError(f"context_frames must be >= 0, got {self.context_frames}")
         if self.gan_weight < 0 or self.disc_weight <= 0 or self.gan_shift <= 0:
             raise ValueError(f"need gan_weight >= 0, disc_weight > 0 and gan_shift > 0, got {self.gan_weight}, "
                              f"{self.disc_weight}, {self.gan_shift}")
@@ -138,17 +143,30 @@ def _bcast(s: torch.Tensor) -> torch.Tensor:
     return s.view(-1, 1, 1, 1, 1)
 
 
+def predict_v(model, xt: torch.Tensor, sigma: torch.Tensor, text_kv, context: torch.Tensor | None = None):
+    """The model's flow prediction for xt [B, C, F, h, w] at sigma [B]. With `context` [B, C, Fc, h, w], those clean
+    frames go first at timestep 0 (per-frame timesteps, the teacher's --p-context setting) and only xt's
+    prediction is returned: the continuation of the context."""
+    t = sigma * 1000
+    if context is None:
+        return model(xt, t, text_kv=text_kv)
+    fc = context.shape[2]
+    tf = torch.cat([torch.zeros_like(t)[:, None].expand(-1, fc), t[:, None].expand(-1, xt.shape[2])], dim=1)
+    return model(torch.cat([context.to(xt.dtype), xt], dim=2), tf, text_kv=text_kv)[:, :, fc:]
+
+
 @torch.no_grad()
 def dmd_direction(x: torch.Tensor, teacher: CausalWanModel, critic: CausalWanModel, cond_kv, uncond_kv, critic_kv,
-                  sigma: torch.Tensor, eps: torch.Tensor, guidance: float) -> torch.Tensor:
+                  sigma: torch.Tensor, eps: torch.Tensor, guidance: float, context: torch.Tensor | None = None
+                  ) -> torch.Tensor:
     """DMD's gradient for the samples x [B, C, F, h, w] (DMD eq. 8 with its normalisation): noised to sigma [B],
-    (x0_fake - x0_real) / mean|x - x0_real| per sample. Descending it moves x toward the teacher's distribution."""
+    (x0_fake - x0_real) / mean|x - x0_real| per sample. Descending it moves x toward the teacher's distribution
+    (with `context`, clean frames before x: its distribution of what follows them)."""
     s = _bcast(sigma)
     xt = (1 - s) * x + s * eps
-    t = sigma * 1000
-    v_c, v_u = teacher(xt, t, text_kv=cond_kv), teacher(xt, t, text_kv=uncond_kv)
+    v_c, v_u = (predict_v(teacher, xt, sigma, kv, context) for kv in (cond_kv, uncond_kv))
     x0_real = xt - s * (v_u + guidance * (v_c - v_u))
-    x0_fake = xt - s * critic(xt, t, text_kv=critic_kv)
+    x0_fake = xt - s * predict_v(critic, xt, sigma, critic_kv, context)
     norm = (x - x0_real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
     return torch.nan_to_num((x0_fake - x0_real) / norm)
 
@@ -158,10 +176,12 @@ def dmd_loss(x: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
     return 0.5 * (x - (x - direction).detach()).pow(2).flatten(1).mean(1)
 
 
-def flow_loss(model: CausalWanModel, x: torch.Tensor, text_kv, sigma: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """Flow matching on samples x (the critic learns the student's distribution): |v - (eps - x)|^2."""
+def flow_loss(model: CausalWanModel, x: torch.Tensor, text_kv, sigma: torch.Tensor, eps: torch.Tensor,
+              context: torch.Tensor | None = None) -> torch.Tensor:
+    """Flow matching on samples x (the critic learns the student's distribution): |v - (eps - x)|^2; with `context`
+    (clean frames before x), of x given them."""
     s = _bcast(sigma)
-    return F.mse_loss(model((1 - s) * x + s * eps, sigma * 1000, text_kv=text_kv), eps - x)
+    return F.mse_loss(predict_v(model, (1 - s) * x + s * eps, sigma, text_kv, context), eps - x)
 
 
 def motion_rewards(vae, x: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -273,11 +293,15 @@ class DMDNets(nn.Module):
             chunks = rollout(self.generator, gen_kv, cache_cfg, self.sampler_cfg, shape, exits, gen,
                              grad_chunks=cfg.dmd_chunks if generator_step else 0)
         x = torch.cat(chunks[-cfg.dmd_chunks:], dim=2)  # [B, C, dmd_chunks * fpc, h, w]
+        # the rollout before the scored chunks, its last context_frames latent frames (a constant: no gradient)
+        earlier = chunks[:-cfg.dmd_chunks]
+        context = (torch.cat(earlier, dim=2)[:, :, -cfg.context_frames:].detach()
+                   if cfg.context_frames and earlier else None)
         critic_kv = self.critic.text_kv(teacher_emb)
 
         # the critic: flow matching on the student's (detached) samples, every step
         c_loss = flow_loss(self.critic, x.detach(), critic_kv, self._sigma(B, gen, dev),
-                           torch.randn(x.shape, generator=gen).to(dev, x.dtype))
+                           torch.randn(x.shape, generator=gen).to(dev, x.dtype), context)
         metrics = {"critic": c_loss.item(), "gen": float(generator_step), "dmd": 0.0, "reward": 0.0, "hybrid": float(hybrid),
                    "exit": sum(exits[-cfg.dmd_chunks:]) / cfg.dmd_chunks}
         if cfg.gan_weight:  # the head learns real clips from the student's, every step, beside the critic
@@ -301,7 +325,8 @@ class DMDNets(nn.Module):
         with torch.no_grad():
             kv = teacher.text_kv(torch.cat([teacher_emb, uncond_emb.expand_as(teacher_emb)]))
         cond_kv, uncond_kv = [[(k[:B], v[:B]) for k, v in kv], [(k[B:], v[B:]) for k, v in kv]]
-        direction = dmd_direction(x, teacher, self.critic, cond_kv, uncond_kv, critic_kv, sigma, eps, cfg.guidance)
+        direction = dmd_direction(x, teacher, self.critic, cond_kv, uncond_kv, critic_kv, sigma, eps, cfg.guidance,
+                                  context)
         per = dmd_loss(x, direction)  # [B]
         if cfg.reward_beta:
             r = motion_rewards(self.frozen["vae"], x, prompts)
@@ -551,6 +576,9 @@ def _main(argv=None) -> int:
     p.add_argument("--rollout-chunks", type=int, nargs="+", default=list(d.rollout_chunks), metavar="N",
                    help="chunks per rollout, one length drawn per step (longer than sink + window: eviction)")
     p.add_argument("--dmd-chunks", type=int, default=d.dmd_chunks, help="the last this many chunks are scored")
+    p.add_argument("--dmd-context", type=int, default=d.context_frames, metavar="N",
+                   help="show the teacher and the critic up to N latent frames of the rollout before the scored "
+                        "chunks, clean: the real score is the teacher's continuation (0: the scored chunks alone)")
     p.add_argument("--reward-beta", type=float, default=d.reward_beta, help="Re-DMD: weight rollouts by exp(beta r)")
     p.add_argument("--gan-weight", type=float, default=d.gan_weight,
                    help="DMD2's GAN term: weight of the generator's loss from a real-vs-student head on the critic "
@@ -603,7 +631,8 @@ def _main(argv=None) -> int:
 
     dmd = DMDConfig(guidance=args.guidance, ttur=args.ttur, rollout_chunks=tuple(args.rollout_chunks),
                     dmd_chunks=args.dmd_chunks, reward_beta=args.reward_beta, gan_weight=args.gan_weight,
-                    disc_weight=args.disc_weight, gan_layer=args.gan_layer, gan_shift=args.gan_shift)
+                    disc_weight=args.disc_weight, gan_layer=args.gan_layer, gan_shift=args.gan_shift,
+                    context_frames=args.dmd_context)
     if args.real_clips < 1 or args.disc_lr_scale <= 0:
         p.error(f"--real-clips {args.real_clips} / --disc-lr-scale {args.disc_lr_scale}: must be >= 1 / positive")
     if args.sparse_topk is not None and not 0.0 < args.sparse_topk <= 1.0:
@@ -663,8 +692,11 @@ def sharding(nets: DMDNets) -> str:
 
 
 def dmd_settings(dmd: DMDConfig) -> dict:
-    """dmd.json's "dmd": the GAN fields only when the term is on (runs from before it resume unchanged)."""
+    """dmd.json's "dmd": the GAN fields only when the term is on, the context only when set (runs from before them
+    resume unchanged)."""
     d = dataclasses.asdict(dmd)
+    if not dmd.context_frames:
+        del d["context_frames"]
     return d if dmd.gan_weight else {k: v for k, v in d.items() if not k.startswith(("gan_", "disc_"))}
 
 

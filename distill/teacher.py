@@ -43,10 +43,17 @@ class Teacher(nn.Module):
         """x [B, C, F, h, w] noisy latents, t [B] or per frame [B, F] in 0..1000, ids/lengths from
         text._tokenize -> v [B, C, F, h, w]."""
         emb = self.text(ids, lengths)
-        if t.ndim == 2:  # diffusers takes per-token timesteps [B, F * tokens per frame] (Wan 2.2's TI2V path)
-            _, ph, pw = self.transformer.config.patch_size
-            t = t.repeat_interleave((x.shape[3] // ph) * (x.shape[4] // pw), dim=1)
-        return self.transformer(x, t, encoder_hidden_states=emb, return_dict=False)[0]
+        return self.transformer(x, per_token(self.transformer, t, x), encoder_hidden_states=emb, return_dict=False)[0]
+
+
+def per_token(transformer, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Timesteps [B] or per latent frame [B, F] as `transformer` takes them for x [B, C, F, h, w]: diffusers' takes
+    per-frame ones per token, [B, F * tokens a frame] (Wan 2.2's TI2V path); the engine's CausalWanModel per frame."""
+    config = getattr(transformer, "config", None)
+    if t.ndim < 2 or config is None or not hasattr(config, "patch_size"):
+        return t
+    _, ph, pw = config.patch_size
+    return t.repeat_interleave((x.shape[3] // ph) * (x.shape[4] // pw), dim=1)
 
 
 def sigma_schedule(steps: int, shift: float) -> torch.Tensor:
@@ -60,11 +67,13 @@ def sigma_schedule(steps: int, shift: float) -> torch.Tensor:
 
 @torch.no_grad()
 def sample(transformer, cond: torch.Tensor, uncond: torch.Tensor, noise: torch.Tensor, steps: int = 30,
-           guidance: float = 4.0, shift: float = 3.0, return_trajectory: bool = False, sigmas=None):
+           guidance: float = 4.0, shift: float = 3.0, return_trajectory: bool = False, sigmas=None, context: int = 0):
     """Euler ODE from noise (sigma 1) to x_0. cond/uncond [B, L, text_dim]; noise [B, C, F, h, w].
 
     `sigmas` (decreasing, 1 -> 0) overrides steps/shift. With return_trajectory, also returns
-    (sigmas [S + 1], states [S + 1, B, ...]) for ODE distillation.
+    (sigmas [S + 1], states [S + 1, B, ...]) for ODE distillation. With `context` K, the first K latent frames of
+    `noise` are clean frames that stay as they are (timestep 0, as --p-context trains the teacher): the rest is
+    sampled as their continuation.
     """
     sig = sigma_schedule(steps, shift) if sigmas is None else sigmas
     steps = len(sig) - 1
@@ -72,13 +81,16 @@ def sample(transformer, cond: torch.Tensor, uncond: torch.Tensor, noise: torch.T
     states = [x] if return_trajectory else None
     emb = torch.cat([cond, uncond]) if guidance != 1.0 else cond
     for i in range(steps):
-        t = torch.full((x.shape[0],), float(sig[i]) * 1000, device=x.device)
+        t = torch.full((x.shape[0], x.shape[2]), float(sig[i]) * 1000, device=x.device)
+        t[:, :context] = 0.0
+        t = per_token(transformer, t if context else t[:, 0], x)
         xin = torch.cat([x, x]) if guidance != 1.0 else x
         tin = torch.cat([t, t]) if guidance != 1.0 else t
         v = transformer(xin, tin, encoder_hidden_states=emb, return_dict=False)[0]
         if guidance != 1.0:
             vc, vu = v.chunk(2)
             v = vu + guidance * (vc - vu)
+        v[:, :, :context] = 0.0  # the context stays clean
         x = x + (sig[i + 1] - sig[i]) * v
         if return_trajectory:
             states.append(x)

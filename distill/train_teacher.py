@@ -7,6 +7,7 @@
     python -m distill.train_teacher --out runs/teacher2 --init assets/shapes-teacher  # go on from an export
     python -m distill.train_teacher --out assets/shapes-teacher --probe 24          # which prompt words it uses
     python -m distill.train_teacher --out assets/shapes-teacher --eval 30 --renoise 0 0.5 0.85 1  # where it loses
+    python -m distill.train_teacher --out assets/shapes-teacher --eval 50 --context 1  # continuing a real first frame
     python -m distill.train_teacher --out assets/shapes-teacher --heldout 64        # loss on fresh clips
     python -m distill.train_teacher --out runs/t12 --init assets/shapes-teacher --grow-layers 12  # a deeper teacher
 
@@ -177,12 +178,15 @@ def evaluate(teacher: Teacher, vae: VideoVAE, preset, n: int, frames: int, steps
 
 @torch.no_grad()
 def renoise_eval(teacher: Teacher, vae: VideoVAE, preset, n: int, frames: int, sigmas, steps: int, guidance: float,
-                 shift: float, seed: int = 1234, batch: int = 10) -> dict:
+                 shift: float, seed: int = 1234, batch: int = 10, context: int = 0) -> dict:
     """Where the teacher loses adherence: n fresh rendered clips (not the training clips' seed), encoded by the VAE,
     noised to each sigma and sampled from there by the teacher's sampler (sigma, then its grid's sigmas below it),
     with the clips' own prompts. Sigma 0 scores the VAE's reconstructions, sigma 1 ordinary sampling; a denoiser
-    that knew the clip exactly would score sigma 0's adherence at every sigma. -> {sigma: adherence and checks}."""
-    from benchmarks.oracle import check_means, score_video
+    that knew the clip exactly would score sigma 0's adherence at every sigma. With `context` K the clips' first K
+    latent frames stay clean (timestep 0, as --p-context trains it) and only the rest is noised and sampled: the
+    teacher's continuation of where the objects were, which only the motion words can get right.
+    -> {sigma: adherence, checks and the motion summary (speed ratio, frozen and copy rates)}."""
+    from benchmarks.oracle import check_means, motion_summary, score_video
 
     prompts, video = ShapesClips(preset.width, preset.height, frames, seed=seed).videos(range(n))
     z0 = torch.cat([vae.encode(video[i:i + batch]) for i in range(0, n, batch)])
@@ -192,13 +196,15 @@ def renoise_eval(teacher: Teacher, vae: VideoVAE, preset, n: int, frames: int, s
     out = {}
     for sig in sigmas:
         x = (1 - sig) * z0 + sig * eps
+        x[:, :, :context] = z0[:, :, :context]
         if sig > 0:
             tail = torch.cat([torch.tensor([float(sig)]), grid[grid < sig]])
             x = torch.cat([sample(teacher.transformer, cond[i:i + batch], uncond[i:i + batch], x[i:i + batch],
-                                  guidance=guidance, sigmas=tail) for i in range(0, n, batch)])
+                                  guidance=guidance, sigmas=tail, context=context) for i in range(0, n, batch)])
         videos = np.concatenate([to_uint8(vae.decode(x[i:i + batch])) for i in range(0, n, batch)])
         reports = [score_video(v, p) for v, p in zip(videos, prompts)]
-        out[str(sig)] = {"adherence": sum(r.score for r in reports) / n, "checks": check_means(reports)}
+        out[str(sig)] = {"adherence": sum(r.score for r in reports) / n, "checks": check_means(reports),
+                         **motion_summary(reports, prompts)}
     return out
 
 
@@ -295,6 +301,10 @@ def _main(argv=None) -> int:
     p.add_argument("--renoise", type=float, nargs="+", metavar="SIGMA",
                    help="with --eval N: N fresh rendered clips noised to each SIGMA and sampled from there "
                         "(0: the VAE's reconstructions; 1: ordinary sampling): at which noise levels adherence is lost")
+    p.add_argument("--context", type=int, default=0, metavar="K",
+                   help="with --eval N: keep the first K latent frames of the fresh clips clean and sample the rest "
+                        "from noise (or from each --renoise sigma): how well it continues a clip, motion words "
+                        "included, apart from drawing its first frames")
     p.add_argument("--heldout", type=int, metavar="N",
                    help="flow-matching loss on N fresh rendered clips at fixed sigmas (a low-noise measure of fit)")
     p.add_argument("--probe", type=int, metavar="N",
@@ -324,6 +334,10 @@ def _main(argv=None) -> int:
                 f"{args.p_uncond} and {args.render_workers})")
     if args.renoise and (not args.eval or any(not 0.0 <= v <= 1.0 for v in args.renoise)):
         p.error(f"--renoise {' '.join(map(str, args.renoise))}: needs --eval N, and sigmas in [0, 1]")
+    latent_frames = (args.frames - 1) // t + 1
+    if args.context and (not args.eval or not 0 < args.context < latent_frames):
+        p.error(f"--context {args.context}: needs --eval N, and 0 < K < {latent_frames} (the latent frames of "
+                f"--frames {args.frames})")
     if args.export or args.eval or args.probe or args.heldout:
         teacher = load_teacher(out, args.preset)
         if args.probe:
@@ -333,10 +347,11 @@ def _main(argv=None) -> int:
         if args.export:
             export_teacher(teacher, Path(args.export), args.export_shard_mb, args.preset)
             print(args.export)
-        if args.eval and args.renoise:
-            print(json.dumps({"renoise": renoise_eval(teacher, VideoVAE.from_folder(args.vae), preset, args.eval,
-                                                      args.frames, args.renoise, args.steps_sample, args.guidance,
-                                                      args.shift), "prompts": args.eval, "guidance": args.guidance}))
+        if args.eval and (args.renoise or args.context):
+            res = renoise_eval(teacher, VideoVAE.from_folder(args.vae), preset, args.eval, args.frames,
+                               args.renoise or [1.0], args.steps_sample, args.guidance, args.shift, context=args.context)
+            print(json.dumps({"renoise": res, "prompts": args.eval, "guidance": args.guidance,
+                              **({"context": args.context} if args.context else {})}))
         elif args.eval:
             print(json.dumps(evaluate(teacher, VideoVAE.from_folder(args.vae), preset, args.eval, args.frames,
                                       args.steps_sample, args.guidance, args.shift)))

@@ -1,5 +1,7 @@
 """Distillation pieces against the engine: the student's one-pass training forward equals streaming."""
 
+import random
+
 import pytest
 import torch
 
@@ -240,6 +242,8 @@ def test_training_clis_bad_input_one_line_exit_2(tmp_path, capsys):
         (ode_init.main, ["--eval", "2", "--eval-sparse", "0"], "--eval-sparse"),
         (train_teacher.main, ["--renoise", "0.5", "--out", str(tmp_path / "t")], "needs --eval N"),
         (train_teacher.main, ["--eval", "2", "--renoise", "1.5", "--out", str(tmp_path / "t")], "sigmas in [0, 1]"),
+        (train_teacher.main, ["--context", "1", "--out", str(tmp_path / "t")], "needs --eval N"),
+        (train_teacher.main, ["--eval", "2", "--context", "9", "--out", str(tmp_path / "t")], "0 < K < 9"),
         (train_teacher.main, ["--frames", "0", "--out", str(tmp_path / "t")], "--frames 0: must be 1 + 4k"),
         (train_teacher.main, ["--preset", "shapes-t2", "--frames", "4", "--out", str(tmp_path / "t")], "1 + 2k"),
         (train_teacher.main, ["--eval", "0", "--out", str(tmp_path / "t")], "--eval must be >= 1"),
@@ -627,6 +631,65 @@ def test_renoise_eval_samples_from_each_sigma_and_an_exact_denoiser_gets_the_cli
     teacher.transformer, decoded[:] = real, []
     renoise_eval(teacher, vae, preset, n, frames, [1.0], steps=6, guidance=4.0, shift=3.0, batch=2)
     assert (torch.cat(decoded) - z0).abs().max() > 0.1
+
+
+def test_context_eval_keeps_the_first_latent_frames_and_samples_the_rest():
+    """--context K: the teacher gets per-token timesteps that are 0 on the first K latent frames' tokens and the
+    grid's sigma elsewhere, those frames come out exactly as the clips' own latents whatever it predicts there, and
+    an exact denoiser of the rest brings the whole clip back."""
+    from types import SimpleNamespace
+
+    from distill.data import ShapesClips
+    from distill.train_teacher import renoise_eval
+    from engine.vae import VideoVAE
+
+    preset = get_preset("tiny")
+    vae = VideoVAE.from_config(preset.vae, seed=0)
+    teacher = _randomise(Teacher.from_preset(preset, seed=5), 5).eval()
+    n, frames, k = 3, 9, 2
+    prompts, video = ShapesClips(preset.width, preset.height, frames, seed=1234).videos(range(n))
+    z0, cond = vae.encode(video), teacher.text.encode(prompts)
+    nf, (h, w) = z0.shape[2], z0.shape[3:]
+    _, ph, pw = preset.model.patch_size
+    per_frame = (h // ph) * (w // pw)
+    decoded, seen = [], []
+    decode = vae.decode
+    vae.decode = lambda z: decoded.append(z.clone()) or decode(z)
+    g = torch.Generator().manual_seed(random.randrange(1 << 30))
+
+    class Exact(torch.nn.Module):  # per-token timesteps, as diffusers' transformer takes them
+        config = SimpleNamespace(patch_size=preset.model.patch_size)
+
+        def forward(self, x, t, encoder_hidden_states, return_dict):
+            assert t.shape == (len(x), nf * per_frame)
+            tf = t.view(len(x), nf, per_frame)
+            assert (tf == tf[:, :, :1]).all()  # one timestep a frame
+            seen.append(tf[:, :, 0].clone())
+            rows = []
+            for j, e in enumerate(encoder_hidden_states):
+                m = [i for i in range(n) if torch.equal(e, cond[i])]
+                rows.append(m[0] if m else rows[j - len(x) // 2])
+            s = (tf[:, :, 0] / 1000).view(len(x), 1, nf, 1, 1)
+            v = (x - z0[rows]) / s.clamp_min(1e-6)
+            v[:, :, :k] = torch.randn(v[:, :, :k].shape, generator=g)  # whatever it says about the context
+            return (v,)
+
+    teacher.transformer = Exact()
+    res = renoise_eval(teacher, vae, preset, n, frames, [1.0], steps=5, guidance=4.0, shift=3.0, batch=2, context=k)
+    assert list(res) == ["1.0"] and {"motion_ratio", "frozen_rate", "copy_rate"} <= set(res["1.0"])
+    assert all((t[:, :k] == 0).all() and (t[:, k:] > 0).all() for t in seen)
+    assert seen[0][0, k] == pytest.approx(1000.0)
+    out = torch.cat(decoded)  # (renoise_eval encodes in batches of 2: the same latents up to float rounding)
+    torch.testing.assert_close(out[:, :, :k], z0[:, :, :k], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out, z0, atol=1e-4, rtol=0)
+
+    # the real (random) teacher: the context frames still come out untouched, the rest does not
+    teacher = _randomise(Teacher.from_preset(preset, seed=5), 5).eval()
+    decoded.clear()
+    renoise_eval(teacher, vae, preset, n, frames, [1.0], steps=5, guidance=4.0, shift=3.0, batch=2, context=k)
+    out = torch.cat(decoded)
+    torch.testing.assert_close(out[:, :, :k], z0[:, :, :k], atol=1e-5, rtol=0)
+    assert (out[:, :, k:] - z0[:, :, k:]).abs().max() > 0.1
 
 
 def test_heldout_loss_is_the_flow_matching_loss_on_fresh_clips_whatever_the_batching():

@@ -159,6 +159,83 @@ def test_dmd_direction_and_loss_move_samples_toward_the_teacher():
     assert ((stepped - real).abs().flatten(1).mean(1) < (x - real).abs().flatten(1).mean(1)).all()
 
 
+def test_dmd_context_is_the_teachers_clean_context_convention():
+    """With a context, the teacher and the critic see the rollout's earlier frames clean, exactly as --p-context
+    trained the teacher: predict_v's prediction for the scored frames (through the engine's model) is the one the
+    teacher's own training loss scores (distill.train_teacher.noisy_frames_loss through diffusers' transformer,
+    clean frames at sigma 0), and it depends on the context."""
+    from distill.train_teacher import noisy_frames_loss
+
+    preset = get_preset("tiny")
+    seed = random.randrange(1 << 30)
+    g = torch.Generator().manual_seed(seed)
+    teacher = Teacher.from_preset(preset, seed=seed % 1000, text="fixed")  # diffusers' transformer, as trained
+    _randomise(teacher.transformer, seed % 1000, 0.1)
+    tr = sf._as_causal(teacher.transformer)  # what self_forcing scores with
+    B, C, fc, nf = 2, preset.model.in_channels, 3, 2
+    ctx, x = torch.randn(B, C, fc, 4, 6, generator=g), torch.randn(B, C, nf, 4, 6, generator=g)
+    sigma, eps = torch.rand(B, generator=g) * 0.9 + 0.05, torch.randn(B, C, nf, 4, 6, generator=g)
+    prompts = ["a red circle moving left on a black background"] * B
+    ids, lengths = teacher.text._tokenize(prompts)
+    kv = tr.text_kv(teacher.text(ids, lengths))
+    s = sigma.view(B, 1, 1, 1, 1)
+    with torch.no_grad():
+        v = sf.predict_v(tr, (1 - s) * x + s * eps, sigma, kv, ctx)
+        assert v.shape == x.shape
+        mine = (v - (eps - x)).square().mean().item()
+        sf_ = torch.cat([torch.zeros(B, fc), sigma[:, None].expand(B, nf)], dim=1)
+        theirs = noisy_frames_loss(teacher, torch.cat([ctx, x], 2), torch.cat([torch.zeros_like(ctx), eps], 2), sf_,
+                                   ids, lengths).item()
+        assert mine == pytest.approx(theirs, rel=1e-5)
+        other = sf.predict_v(tr, (1 - s) * x + s * eps, sigma, kv, torch.randn(ctx.shape, generator=g))
+        assert (other - v).abs().max() > 1e-3  # the context reaches the prediction
+        no_ctx = sf.predict_v(tr, (1 - s) * x + s * eps, sigma, kv)
+        torch.testing.assert_close(no_ctx, tr((1 - s) * x + s * eps, sigma * 1000, text_kv=kv))
+
+
+def test_dmd_step_shows_teacher_and_critic_the_rollout_before_the_scored_chunks():
+    """context_frames: on a 3-chunk rollout scoring its last chunk, the teacher and the critic get the last
+    context_frames latent frames of the first two chunks (clean, timestep 0) before the scored chunk; a rollout
+    with nothing before its scored chunks, or context_frames 0, gives them the scored chunks alone."""
+    preset = get_preset("tiny")
+    fpc = preset.cache.frames_per_chunk
+    seen = []
+
+    class Spy(torch.nn.Module):  # records what a bidirectional network is shown, and predicts with the real one
+        def __init__(self, net, name):
+            super().__init__()
+            self.net, self.name = net, name
+
+        def text_kv(self, emb):
+            return self.net.text_kv(emb)
+
+        def forward(self, x, t, text_kv=None, **kw):
+            seen.append((self.name, x.shape[2], t.detach().clone()))
+            return self.net(x, t, text_kv=text_kv, **kw)
+
+    def step(context_frames, chunks):
+        seed = random.randrange(1 << 20)
+        gen_model = _randomise(CausalWanModel(preset.model), seed, 0.1)
+        critic, teacher = (_randomise(CausalWanModel(preset.model), seed + i, 0.1) for i in (1, 2))
+        cfg = sf.DMDConfig(rollout_chunks=(chunks,), dmd_chunks=1, ttur=1, context_frames=context_frames)
+        nets = sf.DMDNets(gen_model, Spy(critic, "critic"), Spy(teacher, "teacher"), cfg, preset.cache,
+                          preset.sampler, preset.latent_hw)
+        emb = torch.randn(2, 4, preset.model.text_dim)
+        seen.clear()
+        loss, _ = nets(emb, emb, torch.zeros_like(emb), ["p"] * 2, [1] * chunks, torch.Generator().manual_seed(seed),
+                       generator_step=True)
+        assert torch.isfinite(loss)
+        return list(seen)
+
+    calls = step(context_frames=4, chunks=3)
+    assert {n for n, *_ in calls} == {"critic", "teacher"} and len(calls) == 4  # critic loss, teacher x2, critic
+    for _, frames, t in calls:
+        assert frames == 4 + fpc and t.shape == (2, 4 + fpc)
+        assert (t[:, :4] == 0).all() and (t[:, 4:] > 0).all()
+    for ctx, chunks in ((0, 3), (4, 1)):  # off, or nothing before the scored chunk: the scored frames alone
+        assert all(frames == fpc and t.shape == (2,) for _, frames, t in step(ctx, chunks))
+
+
 def test_reward_weights():
     r = torch.tensor([0.0, 0.5, 1.0, 1.0])
     torch.testing.assert_close(sf.reward_weights(r, 0.0), torch.ones(4))
@@ -254,6 +331,8 @@ def test_cli_trains_resumes_exactly_and_exports_a_student(tmp_path, capsys):
 def test_cli_bad_input_one_line_exit_2(tmp_path, capsys):
     assert sf.main(["--out", str(tmp_path / "r"), "--rollout-chunks", "2", "--dmd-chunks", "3"]) == 2
     assert "must be >= dmd_chunks" in capsys.readouterr().err
+    assert sf.main(["--out", str(tmp_path / "r"), "--dmd-context", "-1"]) == 2
+    assert "context_frames must be >= 0" in capsys.readouterr().err
     assert sf.main(["--out", str(tmp_path / "none"), "--export", str(tmp_path / "x")]) == 2
     assert "not a self_forcing run folder" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
