@@ -195,8 +195,9 @@ def test_dmd_context_is_the_teachers_clean_context_convention():
 
 def test_dmd_step_shows_teacher_and_critic_the_rollout_before_the_scored_chunks():
     """context_frames: on a 3-chunk rollout scoring its last chunk, the teacher and the critic get the last
-    context_frames latent frames of the first two chunks (clean, timestep 0) before the scored chunk; a rollout
-    with nothing before its scored chunks, or context_frames 0, gives them the scored chunks alone."""
+    context_frames latent frames of the first two chunks (clean, timestep 0: the rollout's own frames, rolled out
+    again here from the same generator) before the scored chunk; a rollout with nothing before its scored chunks, or
+    context_frames 0, gives them the scored chunks alone."""
     preset = get_preset("tiny")
     fpc = preset.cache.frames_per_chunk
     seen = []
@@ -210,7 +211,7 @@ def test_dmd_step_shows_teacher_and_critic_the_rollout_before_the_scored_chunks(
             return self.net.text_kv(emb)
 
         def forward(self, x, t, text_kv=None, **kw):
-            seen.append((self.name, x.shape[2], t.detach().clone()))
+            seen.append((self.name, x.shape[2], t.detach().clone(), x.detach().clone()))
             return self.net(x, t, text_kv=text_kv, **kw)
 
     def step(context_frames, chunks):
@@ -225,15 +226,21 @@ def test_dmd_step_shows_teacher_and_critic_the_rollout_before_the_scored_chunks(
         loss, _ = nets(emb, emb, torch.zeros_like(emb), ["p"] * 2, [1] * chunks, torch.Generator().manual_seed(seed),
                        generator_step=True)
         assert torch.isfinite(loss)
-        return list(seen)
+        with torch.no_grad():  # the rollout the step made: the generator's noise is drawn first
+            chunks_ = sf.rollout(gen_model, gen_model.text_kv(emb), preset.cache, preset.sampler,
+                                 (2, preset.model.in_channels, fpc, *preset.latent_hw), [1] * chunks,
+                                 torch.Generator().manual_seed(seed))
+        return list(seen), chunks_
 
-    calls = step(context_frames=4, chunks=3)
+    calls, chunks = step(context_frames=4, chunks=3)
     assert {n for n, *_ in calls} == {"critic", "teacher"} and len(calls) == 4  # critic loss, teacher x2, critic
-    for _, frames, t in calls:
+    context = torch.cat(chunks[:2], dim=2)[:, :, -4:]
+    for _, frames, t, x in calls:
         assert frames == 4 + fpc and t.shape == (2, 4 + fpc)
         assert (t[:, :4] == 0).all() and (t[:, 4:] > 0).all()
-    for ctx, chunks in ((0, 3), (4, 1)):  # off, or nothing before the scored chunk: the scored frames alone
-        assert all(frames == fpc and t.shape == (2,) for _, frames, t in step(ctx, chunks))
+        torch.testing.assert_close(x[:, :, :4], context)
+    for ctx, n in ((0, 3), (4, 1)):  # off, or nothing before the scored chunk: the scored frames alone
+        assert all(frames == fpc and t.shape == (2,) for _, frames, t, _ in step(ctx, n)[0])
 
 
 def test_reward_weights():
