@@ -254,6 +254,7 @@ def main(argv=None) -> int:
                                                          "compile+preview"],
                    help="engine, or options joined by + (see the module doc)")
     p.add_argument("--decode-variants", nargs="*", default=["eager", "fpc3", "channels_last", "compile", "preview"],
+                   choices=["eager", "fpc3", "channels_last", "compile", "preview", "none"],
                    help="VAE decoder variants timed alone first (none: skip); preview: the preview decoder")
     p.add_argument("--vae-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--git-sha", help="the commit measured (default: this checkout's; a device copy has no .git)")
@@ -319,7 +320,7 @@ def main(argv=None) -> int:
         if bad:
             p.error(f"--systems {name}: unknown option(s) {', '.join(sorted(bad))}; expected engine or "
                     f"{'+'.join(sorted(known))}")
-    if a.decode_variants:
+    if a.decode_variants and a.decode_variants != ["none"]:  # `--decode-variants none` (or nothing): skip
         res["decode_ms_per_chunk"] = decode_bench(vae, preset, device, a.decode_variants, compile_backend, preview)
         write()
     cleans = {}

@@ -6,23 +6,30 @@
 # Why: on the 2-core CPU the teacher gets a few thousand steps of 16 clips an hour and levels off at oracle
 # adherence ~0.5 (README, "Where the teacher stands"); this measures what 10-30x the samples buy at the same size.
 # Steps: render 10,000 clips in worker processes and encode them on the GPU; train with the fixed text code, bf16
-# autocast, 64 clips a step, until MINUTES have passed (a checkpoint is saved when time is up); then write to
-# OUTDIR the log, the teacher (fp16, in files under 16 MB), its oracle adherence on 50 prompts, the same given each
-# clip's first latent frame (--context 1: how well it continues a clip, motion words included) and its held-out loss.
-# Every file this writes sits at most two folders below OUTDIR.
+# autocast, 64 clips a step, until MINUTES have passed (a checkpoint is saved when time is up); then, evaluating on
+# the GPU, write to OUTDIR three or four files, as a lease brings back at most 8 files of under 16 MiB:
+#   NAME-results.txt       the training log's last lines, the oracle adherence on 50 prompts, the same given each
+#                          clip's first latent frame (--context 1: how well it continues a clip, motion words
+#                          included) and the held-out loss
+#   NAME.tar.part-aa, -ab  the exported teacher (fp16) and the whole log, a tar in pieces of 15 MB:
+#                          cat NAME.tar.part-* | tar x  (gives NAME/ and NAME/log.jsonl)
+# Measured on an H200 host (2026-11-27): rendering and encoding the 10,000 clips takes about 70 s (10 workers);
+# training runs at ~500 clips/s (8 blocks; ~370 for the 12-block GROW run beside it), so MINUTES=4 is ~120,000 clips.
 # The layout is the shipped model's (preset shapes-t2, its VAE in assets/shapes/vae). PRESET, VAE and LENGTHS pick
 # another; INIT starts from a teacher instead of from scratch (e.g. INIT=assets/shapes-teacher), and GROW=N with it
 # grows that teacher to N blocks first (train_teacher --grow-layers):
 #   PRESET=shapes VAE=runs/vae-t4 LENGTHS="5 5 9" bash distill/gpu_teacher.sh "$OUT" 7
 #   INIT=assets/shapes-teacher GROW=12 bash distill/gpu_teacher.sh "$OUT" 7
 #   PRESET=shapes-t2-p2 bash distill/gpu_teacher.sh "$OUT" 7      # 2x2 patches on the shipped latents, from scratch
-# NAME names the run folder (runs/NAME) and the files in OUTDIR (NAME-log.jsonl, NAME/, NAME-eval.txt,
-# NAME-context.txt, NAME-heldout.txt), so two runs can share a lease and a GPU: the 4x4- against the 2x2-patch
-# teacher, both from scratch on the same clips (README, "What the teacher gets wrong"):
+# NAME names the run folder (runs/NAME) and the files in OUTDIR, so two runs can share a lease and a GPU: the 4x4-
+# against the 2x2-patch teacher, both from scratch on the same clips (README, "What the teacher gets wrong"):
 #   PRESET=shapes-t2 NAME=teacher-p4 bash distill/gpu_teacher.sh "$OUT" 5 &
 #   PRESET=shapes-t2-p2 NAME=teacher-p2 bash distill/gpu_teacher.sh "$OUT" 5; wait
-# CLIPS, BATCH, AMP, WORKERS, EVAL (prompts) and HELDOUT (clips) shrink it for a dry run on a CPU, e.g.
-#   CLIPS=8 BATCH=2 AMP=none WORKERS=0 EVAL=2 HELDOUT=2 bash distill/gpu_teacher.sh /tmp/dry 0.1
+# Two runs of one PRESET share its clip file: start the second once the first has written it (the file appears
+# whole, by rename), e.g. `until [ -f runs/latents-gpu-shapes-t2-10000.safetensors ]; do sleep 5; done`.
+# CLIPS, BATCH, AMP, WORKERS, EVAL (prompts), HELDOUT (clips) and DEVICE (of the evaluations) shrink it for a dry
+# run on a CPU, e.g.
+#   CLIPS=8 BATCH=2 AMP=none WORKERS=0 EVAL=2 HELDOUT=2 DEVICE=cpu bash distill/gpu_teacher.sh /tmp/dry 0.1
 set -euo pipefail
 PRESET=${PRESET:-shapes-t2}
 NAME=${NAME:-teacher-gpu}
@@ -32,6 +39,7 @@ AMP=${AMP:-bf16}
 WORKERS=${WORKERS:-12}
 EVAL=${EVAL:-50}
 HELDOUT=${HELDOUT:-64}
+DEVICE=${DEVICE:-cuda}
 VAE=${VAE:-assets/shapes/vae}
 LENGTHS=${LENGTHS:-5 9 17}
 INIT=${INIT:+--init $INIT}
@@ -45,10 +53,15 @@ python -m distill.train_teacher --preset "$PRESET" --vae "$VAE" --latents "runs/
     --clips "$CLIPS" --render-workers "$WORKERS" --out "$RUN" --text fixed --batch-size "$BATCH" --lr 3e-4 \
     --warmup 500 --steps 1000000 --max-minutes "$MINUTES" --amp "$AMP" --shift 5 --latent-lengths $LENGTHS \
     --p-context 0.3 --ckpt-every 5000 --log-every 100 --quiet $INIT $GROW
-cp "$RUN/log.jsonl" "$OUTDIR/$NAME-log.jsonl"
-python -m distill.train_teacher --preset "$PRESET" --vae "$VAE" --out "$RUN" --export "$OUTDIR/$NAME" \
-    --export-shard-mb 12 --eval "$EVAL" | tee "$OUTDIR/$NAME-eval.txt"
-python -m distill.train_teacher --preset "$PRESET" --vae "$VAE" --out "$RUN" --eval "$EVAL" --context 1 \
-    | tee "$OUTDIR/$NAME-context.txt"
-python -m distill.train_teacher --preset "$PRESET" --vae "$VAE" --out "$RUN" --heldout "$HELDOUT" \
-    | tee "$OUTDIR/$NAME-heldout.txt"
+RES="$OUTDIR/$NAME-results.txt"
+tail -n 3 "$RUN/log.jsonl" > "$RES"
+EXPORT=runs/export-$NAME
+rm -rf "$EXPORT" && mkdir -p "$EXPORT"
+python -m distill.train_teacher --preset "$PRESET" --vae "$VAE" --out "$RUN" --export "$EXPORT/$NAME" \
+    --device "$DEVICE" --eval "$EVAL" | tee -a "$RES"
+cp "$RUN/log.jsonl" "$EXPORT/$NAME/log.jsonl"
+tar cf - -C "$EXPORT" "$NAME" | split -b 15000000 - "$OUTDIR/$NAME.tar.part-"
+python -m distill.train_teacher --preset "$PRESET" --vae "$VAE" --out "$RUN" --device "$DEVICE" --eval "$EVAL" \
+    --context 1 | tee -a "$RES"
+python -m distill.train_teacher --preset "$PRESET" --vae "$VAE" --out "$RUN" --device "$DEVICE" \
+    --heldout "$HELDOUT" | tee -a "$RES"

@@ -82,17 +82,18 @@ class TeacherTask:
         # the direction and speed words, a signal that whole-clip noise hardly gives (at high sigma the mean
         # over start positions is the same for every direction). It is also the student's streaming setting.
         n_ctx = torch.randint(1, nf, (B,), generator=gen) * (torch.rand(B, generator=gen) < self.p_context)
-        sf = sigma[:, None] * (torch.arange(nf)[None, :] >= n_ctx[:, None])  # [B, F] per-frame sigma
+        sf = sigma[:, None] * (torch.arange(nf, device=n_ctx.device)[None, :] >= n_ctx[:, None])  # [B, F] per-frame sigma
         return noisy_frames_loss(model, x0, eps, sf, ids, lengths, self.device), {}
 
 
 def noisy_frames_loss(model, x0, eps, sf, ids, lengths, device="cpu") -> torch.Tensor:
     """Flow-matching MSE at per-frame sigmas sf [B, F]: frames at sigma 0 go in clean and are not scored."""
+    x0, eps, sf = x0.to(device), eps.to(device), sf.to(device)  # the batch may come from the CPU
     s = sf.view(*sf.shape[:1], 1, sf.shape[1], 1, 1)
-    xt = ((1 - s) * x0 + s * eps).to(device)
+    xt = (1 - s) * x0 + s * eps
     v = model(xt, (sf * 1000).to(device), ids.to(device), lengths.to(device))
-    w = (s > 0).to(device, v.dtype)
-    err = (v - (eps - x0).to(device)).square() * w
+    w = (s > 0).to(v.dtype)
+    err = (v - (eps - x0)).square() * w
     return err.sum() / (w.sum() * x0.shape[1] * x0.shape[3] * x0.shape[4])
 
 
@@ -117,6 +118,10 @@ def load_teacher(run: Path, preset_name: str, which: str = "ema") -> Teacher:
         t = build(preset_name, text="fixed" if "text.word_code" in state else "learned", model=run_model(run))
         t.load_state_dict(state, strict=True)
     return t.eval().requires_grad_(False)
+
+
+def param_device(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
 
 
 def run_model(run: Path) -> dict:
@@ -156,6 +161,7 @@ def generate(teacher: Teacher, vae: VideoVAE, prompts: list[str], latent_frames:
         ps = prompts[s:s + batch]
         g = torch.Generator().manual_seed(seed + s)
         noise = torch.randn((len(ps), teacher.transformer.config.in_channels, latent_frames, *latent_hw), generator=g)
+        noise = noise.to(param_device(teacher))  # drawn on the CPU: the same clips on any device
         z = sample(teacher.transformer, teacher.text.encode(ps), teacher.text.encode([""] * len(ps)), noise,
                    steps, guidance, shift)
         out += list(to_uint8(vae.decode(z)))
@@ -190,7 +196,8 @@ def renoise_eval(teacher: Teacher, vae: VideoVAE, preset, n: int, frames: int, s
 
     prompts, video = ShapesClips(preset.width, preset.height, frames, seed=seed).videos(range(n))
     z0 = torch.cat([vae.encode(video[i:i + batch]) for i in range(0, n, batch)])
-    eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed))
+    z0 = z0.to(param_device(teacher))
+    eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed)).to(z0.device)
     grid = sigma_schedule(steps, shift)
     cond, uncond = teacher.text.encode(prompts), teacher.text.encode([""] * n)
     out = {}
@@ -217,13 +224,15 @@ def heldout_loss(teacher: Teacher, vae: VideoVAE, preset, n: int, frames: int, s
     prompts, video = ShapesClips(preset.width, preset.height, frames, seed=seed).videos(range(n))
     z0 = torch.cat([vae.encode(video[i:i + batch]) for i in range(0, n, batch)])
     eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed))
+    device = param_device(teacher)
     out = {}
     for ctx in (0, 1):
         for sig in sigmas:
             sf = torch.full((n, z0.shape[2]), float(sig))
             sf[:, :ctx] = 0.0
             total = sum(float(noisy_frames_loss(teacher, z0[i:i + batch], eps[i:i + batch], sf[i:i + batch],
-                                                *teacher.text._tokenize(prompts[i:i + batch]))) * len(z0[i:i + batch])
+                                                *teacher.text._tokenize(prompts[i:i + batch]), device))
+                        * len(z0[i:i + batch])
                         for i in range(0, n, batch))  # batch means, weighted by their clips
             out[f"{'context 1, ' if ctx else ''}sigma {sig}"] = round(total / n, 5)
     return {"clips": n, "frames": frames, "loss": out}
@@ -259,7 +268,8 @@ def prompt_probe(teacher: Teacher, data: LatentSet, n: int = 24, sigmas=(0.9, 0.
             sf = torch.full((len(ids), x0.shape[2]), sig)
             sf[:, :ctx] = 0.0
             out[f"{'context 1, ' if ctx else ''}sigma {sig}"] = {
-                name: round(float(noisy_frames_loss(teacher, x0, eps, sf, *teacher.text._tokenize(ps))), 4)
+                name: round(float(noisy_frames_loss(teacher, x0, eps, sf, *teacher.text._tokenize(ps),
+                                                    param_device(teacher))), 4)
                 for name, ps in variants.items()}
     return {"clips": len(ids), "loss": out}
 
@@ -310,6 +320,8 @@ def _main(argv=None) -> int:
     p.add_argument("--probe", type=int, metavar="N",
                    help="loss with each prompt word swapped on N one-object clips of --latents: which words it uses")
     p.add_argument("--steps-sample", type=int, default=30)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where --eval, --heldout and --probe run (default cpu; training picks its own device)")
     p.add_argument("--guidance", type=float, default=4.0)
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -338,23 +350,27 @@ def _main(argv=None) -> int:
     if args.context and (not args.eval or not 0 < args.context < latent_frames):
         p.error(f"--context {args.context}: needs --eval N, and 0 < K < {latent_frames} (the latent frames of "
                 f"--frames {args.frames})")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
     if args.export or args.eval or args.probe or args.heldout:
         teacher = load_teacher(out, args.preset)
+        if args.export:  # from the CPU copy, before the evaluations
+            export_teacher(teacher, Path(args.export), args.export_shard_mb, args.preset)
+            print(args.export)
+        teacher = teacher.to(args.device)
+        vae = VideoVAE.from_folder(args.vae, device=args.device) if args.eval or args.heldout else None
         if args.probe:
             print(json.dumps(prompt_probe(teacher, LatentSet(args.latents), args.probe)))
         if args.heldout:
-            print(json.dumps(heldout_loss(teacher, VideoVAE.from_folder(args.vae), preset, args.heldout, args.frames)))
-        if args.export:
-            export_teacher(teacher, Path(args.export), args.export_shard_mb, args.preset)
-            print(args.export)
+            print(json.dumps(heldout_loss(teacher, vae, preset, args.heldout, args.frames)))
         if args.eval and (args.renoise or args.context):
-            res = renoise_eval(teacher, VideoVAE.from_folder(args.vae), preset, args.eval, args.frames,
-                               args.renoise or [1.0], args.steps_sample, args.guidance, args.shift, context=args.context)
+            res = renoise_eval(teacher, vae, preset, args.eval, args.frames, args.renoise or [1.0], args.steps_sample,
+                               args.guidance, args.shift, context=args.context)
             print(json.dumps({"renoise": res, "prompts": args.eval, "guidance": args.guidance,
                               **({"context": args.context} if args.context else {})}))
         elif args.eval:
-            print(json.dumps(evaluate(teacher, VideoVAE.from_folder(args.vae), preset, args.eval, args.frames,
-                                      args.steps_sample, args.guidance, args.shift)))
+            print(json.dumps(evaluate(teacher, vae, preset, args.eval, args.frames, args.steps_sample, args.guidance,
+                                      args.shift)))
         return 0
     rank, world, device = setup_distributed()
     lat = Path(args.latents)

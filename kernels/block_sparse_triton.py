@@ -205,12 +205,21 @@ def _check_inputs(q, k, v, block_m, block_n):
         raise ValueError(f"blocks must be powers of two; got {block_m}x{block_n}")
 
 
-def _launch_opts(block_m, block_d, num_warps=None, num_stages=None):
-    """Compile options (CUDA only). The defaults are untuned; `python -m benchmarks.kernels_bench --sweep`
-    times the forward over warps, stages and query-block sizes on a GPU."""
+def _launch_opts(block_m, block_d, num_warps=None, num_stages=None, default_stages=2):
+    """Compile options (CUDA only). `python -m benchmarks.kernels_bench --sweep` times the forward over warps,
+    stages and query-block sizes: on an H200 (bf16, D=128, 20% of 64-blocks) 4 warps for 64-row tiles and 8 for
+    128-row ones were best, and 3 pipeline stages beat 2 by 4-7% (benchmarks/results/kernels-h200-cfb9e49.json).
+    The backward kernels keep 2 stages (not swept)."""
     if interpreting():
         return {}
-    return {"num_warps": num_warps or (8 if block_m * block_d >= 128 * 128 else 4), "num_stages": num_stages or 2}
+    return {"num_warps": num_warps or (8 if block_m * block_d >= 128 * 128 else 4),
+            "num_stages": num_stages or default_stages}
+
+
+def _fwd_stages(device) -> int:
+    # 3 stages hold three K/V tiles in shared memory (up to 128 KB with the q tile at D=128): Hopper (measured) has
+    # 228 KB; smaller parts keep 2
+    return 3 if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9 else 2
 
 
 def forward(q, k, v, kv_idx, kv_cnt, block_m, block_n, scale, num_warps=None, num_stages=None):
@@ -226,7 +235,7 @@ def forward(q, k, v, kv_idx, kv_cnt, block_m, block_n, scale, num_warps=None, nu
     _bsa_fwd[grid](q, k, v, o, lse, kv_idx, kv_cnt, scale * LOG2E, Lq, Lk, H, D,
                    *q.stride(), *k.stride(), *v.stride(), *o.stride(), *kv_idx.stride(), *kv_cnt.stride(),
                    BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=bd, UPCAST=upcast,
-                   **_launch_opts(block_m, bd, num_warps, num_stages))
+                   **_launch_opts(block_m, bd, num_warps, num_stages, default_stages=_fwd_stages(q.device)))
     return o, lse
 
 

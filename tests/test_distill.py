@@ -248,6 +248,8 @@ def test_training_clis_bad_input_one_line_exit_2(tmp_path, capsys):
         (train_teacher.main, ["--preset", "shapes-t2", "--frames", "4", "--out", str(tmp_path / "t")], "1 + 2k"),
         (train_teacher.main, ["--eval", "0", "--out", str(tmp_path / "t")], "--eval must be >= 1"),
         (train_teacher.main, ["--shift", "0", "--out", str(tmp_path / "t")], "--shift must be positive"),
+        *([(train_teacher.main, ["--eval", "2", "--device", "cuda", "--out", str(tmp_path / "t")],
+            "no CUDA device")] if not torch.cuda.is_available() else []),
         (ode_init.main, ["--eval", "-1"], "--eval must be >= 1"),
         (ode_init.main, ["--stream-seconds", "nan", "--eval", "2"], "--stream-seconds must be >= 0"),
     ]
