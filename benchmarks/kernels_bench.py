@@ -20,6 +20,7 @@ CPU (fp32, the torch paths, which the engine uses on a CPU):
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import statistics
@@ -86,9 +87,10 @@ def flex_block_mask(table: BlockTable, B, H):
 
 SWEEP = {  # --sweep: the launch settings tried ("full"; "small" for --dry-run)
     "full": dict(block_m=(64, 128), warps=(4, 8), stages=(1, 2, 3, 4),
-                 readout_block_m=(32, 64, 128), readout_block_dv=(32, 64, 128), readout_warps=(4, 8)),
+                 readout_block_m=(32, 64), readout_block_dv=(64, 128), readout_warps=(4, 8),
+                 readout_row_blocks=(1, 4, 16)),
     "small": dict(block_m=(16, 32), warps=(4,), stages=(2,), readout_block_m=(16,), readout_block_dv=(8, 16),
-                  readout_warps=(4,)),
+                  readout_warps=(4,), readout_row_blocks=(1, 2)),
 }
 
 
@@ -123,20 +125,19 @@ def sweep_launch(q, k, v, M, z, block, density, timer, reps, which: str) -> dict
                 print(json.dumps({"sweep_fwd": entry}), flush=True)
     ro = []
     ref = readout(q, M, z, impl="torch").float()
-    for bm in cfg["readout_block_m"]:
-        for dv in cfg["readout_block_dv"]:
-            for w in cfg["readout_warps"]:
-                entry = {"block_m": bm, "block_dv": dv, "warps": w}
+    for bm, dv, w, rb in itertools.product(cfg["readout_block_m"], cfg["readout_block_dv"], cfg["readout_warps"],
+                                           cfg["readout_row_blocks"]):
+        entry = {"block_m": bm, "block_dv": dv, "warps": w, "row_blocks": rb}
 
-                def call(bm=bm, dv=dv, w=w):
-                    return ltri.readout_forward(q, M, z, EPS, block_m=bm, block_dv=dv, num_warps=w)
-                try:
-                    entry["max_rel_err"] = ((call().float() - ref).abs().max() / ref.abs().max()).item()
-                    entry["ms"] = timer(call, reps=reps)
-                except Exception as e:
-                    entry["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                ro.append(entry)
-                print(json.dumps({"sweep_readout": entry}), flush=True)
+        def call(bm=bm, dv=dv, w=w, rb=rb):
+            return ltri.readout_forward(q, M, z, EPS, block_m=bm, block_dv=dv, num_warps=w, row_blocks=rb)
+        try:
+            entry["max_rel_err"] = ((call().float() - ref).abs().max() / ref.abs().max()).item()
+            entry["ms"] = timer(call, reps=reps)
+        except Exception as e:
+            entry["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        ro.append(entry)
+        print(json.dumps({"sweep_readout": entry}), flush=True)
     out = {"sweep_fwd": fwd, "sweep_readout": ro}
     ok = [e for e in fwd if "fwd_ms" in e]
     if ok:

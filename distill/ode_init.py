@@ -36,7 +36,7 @@ from engine.vae import VideoVAE
 
 from .shapes import sample_prompt
 from .teacher import sample, shift_sigma
-from .trainer import Trainer, add_train_args, config_from_args, setup_distributed
+from .trainer import Trainer, add_train_args, config_from_args, setup_distributed, teardown_distributed
 
 
 # ---- teacher trajectories -----------------------------------------------------------------------------
@@ -289,6 +289,7 @@ def _main(argv=None) -> int:
     task = ODETask(Pairs(pairs), teacher.text, preset.cache.frames_per_chunk, device)
     Trainer(TeacherForced(student, preset.cache.frames_per_chunk).to(device), task, config_from_args(args),
             args.out, device=device, resume=not args.no_resume, quiet=args.quiet).run()
+    teardown_distributed()
     return 0
 
 

@@ -57,7 +57,7 @@ from engine.sampler import shift_sigma, sigmas
 
 from .shapes import sample_prompt
 from .trainer import (Trainer, add_train_args, config_from_args, latest_checkpoint, load_weights, micro_seed,
-                      setup_distributed)
+                      setup_distributed, teardown_distributed)
 
 
 @dataclass(frozen=True)
@@ -675,6 +675,7 @@ def _main(argv=None) -> int:
     if trainer.fsdp and not args.quiet and rank == 0:
         sys.stderr.write(f"distill.self_forcing: FSDP over {world} processes: {sharding(nets)}\n")
     trainer.run()
+    teardown_distributed()
     return 0
 
 

@@ -42,7 +42,8 @@ from engine.vae import VideoVAE
 from .data import LatentSet, ShapesClips, encode_clips, to_uint8
 from .shapes import sample_prompt
 from .teacher import TEXT_KINDS, Teacher, grow_transformer, sample, shift_sigma, sigma_schedule
-from .trainer import Trainer, add_train_args, config_from_args, load_weights, setup_distributed
+from .trainer import (Trainer, add_train_args, config_from_args, load_weights, setup_distributed,
+                      teardown_distributed)
 
 
 class TeacherTask:
@@ -411,6 +412,7 @@ def _main(argv=None) -> int:
                        args.p_context)
     Trainer(teacher, task, config_from_args(args), out, device=device, resume=not args.no_resume,
             quiet=args.quiet).run()
+    teardown_distributed()
     return 0
 
 

@@ -120,6 +120,15 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+def teardown_distributed() -> None:
+    """Ends the process group setup_distributed began (if any), after a barrier, so that no rank tears gloo down
+    while another still talks to it. A rank exiting mid-conversation can abort in gloo's thread destructors
+    ("terminate called without an active exception": seen once in CI's torchrun test)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 # ---------------------------------------------------------------------------------------------- files
 
 def _oneline(e: BaseException) -> str:

@@ -5,8 +5,8 @@ fold fwd     grid (cdiv(D, BLOCK_DV), B*H, NSPLIT): each program loops over its 
              z += colsum(phi(K)); M' = decay*M + sum of partials, z' likewise (a new state: autograd-safe).
 fold bwd     grid (cdiv(T, BLOCK_T), B*H): dV = phi(K) dM, dK = (V dM^T + dz) * phi'(K).
              (dM_in = decay*dM, dz_in = decay*dz are done in torch.)
-read-out fwd grid (cdiv(L, BLOCK_M), B*H, cdiv(D, BLOCK_DV)): r = (phi(Q) M) / max(phi(Q) z, eps), a slice of
-             r's columns a program.
+read-out fwd grid (cdiv(L, BLOCK_M * ROW_BLOCKS), B*H, cdiv(D, BLOCK_DV)): r = (phi(Q) M) / max(phi(Q) z, eps),
+             a slice of r's columns and ROW_BLOCKS blocks of rows a program (the state slice loaded once).
 read-out bwd grid (NSPLIT, B*H): each program takes query blocks s, s+NSPLIT, ...; dQ per block, and a
              partial dM = sum phi(Q)^T dnum, dz = sum phi(Q) dden written per program and summed in torch.
 Inputs are loaded and upcast to fp32 (the state is fp32; fp32 also keeps the interpreter's bf16 problems
@@ -103,31 +103,34 @@ def _fold_bwd(K, V, DM, DZ, DK, DV, T, H, D,
 @triton.jit
 def _readout_fwd(Q, M, Z, O, eps, L, H, D,
                  s_qb, s_qh, s_ql, s_qd, s_ob, s_oh, s_ol, s_od,
-                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    # program (pm, bh, pv): rows pm of the output, columns pv (BLOCK_DV of them: a [D, BLOCK_DV] slice of the
-    # state in registers instead of all D x D, which spills at D = 128); the denominator is recomputed per slice
+                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, ROW_BLOCKS: tl.constexpr):
+    # program (pm, bh, pv): ROW_BLOCKS blocks of BLOCK_M rows of the output from pm on, columns pv (BLOCK_DV of
+    # them: a [D, BLOCK_DV] slice of the state in registers instead of all D x D, which spills at D = 128). The
+    # state slice is loaded once per program, so more row blocks a program read it fewer times in all; the
+    # denominator is recomputed per slice
     pm = tl.program_id(0)
     bh = tl.program_id(1)
     pv = tl.program_id(2)
     b = bh // H
     h = bh % H
-    offs_m = pm * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_v = pv * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    m_ok = offs_m < L
     d_ok = offs_d < D
     v_ok = offs_v < D
-    qm = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_ql + offs_d[None, :] * s_qd, mask=qm, other=0.0)
-    fq = tl.where(qm, _phi(q.to(tl.float32)), 0.0)
     mst = tl.load(M + bh * D * D + offs_d[:, None] * D + offs_v[None, :], mask=d_ok[:, None] & v_ok[None, :],
                   other=0.0)
     z = tl.load(Z + bh * D + offs_d, mask=d_ok, other=0.0)
-    num = tl.dot(fq, mst)
-    den = tl.sum(fq * z[None, :], 1)
-    out = num / tl.maximum(den, eps)[:, None]
-    tl.store(O + b * s_ob + h * s_oh + offs_m[:, None] * s_ol + offs_v[None, :] * s_od,
-             out.to(O.dtype.element_ty), mask=m_ok[:, None] & v_ok[None, :])
+    for r in range(ROW_BLOCKS):
+        offs_m = (pm * ROW_BLOCKS + r) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < L
+        qm = m_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_ql + offs_d[None, :] * s_qd, mask=qm, other=0.0)
+        fq = tl.where(qm, _phi(q.to(tl.float32)), 0.0)
+        num = tl.dot(fq, mst)
+        den = tl.sum(fq * z[None, :], 1)
+        out = num / tl.maximum(den, eps)[:, None]
+        tl.store(O + b * s_ob + h * s_oh + offs_m[:, None] * s_ol + offs_v[None, :] * s_od,
+                 out.to(O.dtype.element_ty), mask=m_ok[:, None] & v_ok[None, :])
 
 
 @triton.jit
@@ -216,17 +219,20 @@ def fold_backward(k, v, dM, dz):
     return dk, dv
 
 
-def readout_forward(q, M, z, eps, block_m=None, block_dv=None, num_warps=None):
-    """block_m (query rows a program), block_dv (output columns a program; D's power of two: untiled) and
-    num_warps are launch settings, None for the defaults (untuned: `benchmarks.kernels_bench --sweep`)."""
+def readout_forward(q, M, z, eps, block_m=None, block_dv=None, num_warps=None, row_blocks=None):
+    """block_m (query rows a block), row_blocks (blocks a program, each reading the state slice it loaded once),
+    block_dv (output columns a program; D's power of two: untiled) and num_warps are launch settings, None for
+    the defaults (1 block a program; otherwise untuned: `benchmarks.kernels_bench --sweep` times them)."""
     _check(q)
     B, H, L, D = q.shape
     bd = max(16, next_pow2(D))
     bm = block_m or (64 if bd <= 64 else 32)
     bdv = min(bd, block_dv or bd)
+    rows = row_blocks or 1
     o = new_empty(None, like=q)
-    _readout_fwd[(cdiv(L, bm), B * H, cdiv(D, bdv))](q, M, z, o, eps, L, H, D, *q.stride(), *o.stride(),
-                                                     BLOCK_M=bm, BLOCK_D=bd, BLOCK_DV=bdv, **_opts(num_warps or 4))
+    _readout_fwd[(cdiv(L, bm * rows), B * H, cdiv(D, bdv))](q, M, z, o, eps, L, H, D, *q.stride(), *o.stride(),
+                                                            BLOCK_M=bm, BLOCK_D=bd, BLOCK_DV=bdv, ROW_BLOCKS=rows,
+                                                            **_opts(num_warps or 4))
     return o
 
 

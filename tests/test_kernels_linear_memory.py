@@ -123,10 +123,12 @@ def test_triton_fold_split_over_tokens_equals_one_run(nsplit):
 
 
 @needs_triton
-@pytest.mark.parametrize("block_m,block_dv", [(16, 16), (32, 8), (64, None)])
-def test_triton_readout_tiled_over_columns_equals_torch_path(block_m, block_dv):
-    """The read-out's launch settings (a slice of the output's columns a program, query rows a program) change
-    how the work is cut, not the result: odd head dims and lengths, a strided q, poisoned outputs."""
+@pytest.mark.parametrize("block_m,block_dv,row_blocks", [(16, 16, 1), (32, 8, 1), (64, None, 1), (16, 8, 3),
+                                                         (16, None, 8)])
+def test_triton_readout_tiled_over_columns_equals_torch_path(block_m, block_dv, row_blocks):
+    """The read-out's launch settings (a slice of the output's columns a program, query rows a block, blocks a
+    program) change how the work is cut, not the result: odd head dims and lengths (77 rows: the last program's
+    blocks run past the end, one of them wholly), a strided q, poisoned outputs."""
     from kernels import linear_memory_triton as tri
 
     seed = fresh_seed()
@@ -135,6 +137,6 @@ def test_triton_readout_tiled_over_columns_equals_torch_path(block_m, block_dv):
     q = bhld(g, B, H, L, D, strided=True)
     M, z = torch.rand(B, H, D, D, generator=g).to(DEVICE), torch.rand(B, H, D, generator=g).to(DEVICE)
     with poison_outputs():
-        got = tri.readout_forward(q, M, z, EPS, block_m=block_m, block_dv=block_dv)
+        got = tri.readout_forward(q, M, z, EPS, block_m=block_m, block_dv=block_dv, row_blocks=row_blocks)
     st = dict(atol=1e-5, rtol=1e-5) if DEVICE == "cpu" else dict(atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(got, readout(q, M, z, impl="torch"), **st, msg=f"seed={seed}")

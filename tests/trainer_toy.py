@@ -15,11 +15,11 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from distill.trainer import Trainer, add_train_args, config_from_args, setup_distributed  # noqa: E402
+from distill.trainer import (Trainer, add_train_args, config_from_args, setup_distributed,  # noqa: E402
+                             teardown_distributed)
 
 DIM = 8
 
@@ -68,8 +68,7 @@ def main(argv=None, on_step=None) -> Trainer:
     trainer = Trainer(make_model(cfg.seed), ToyTask(args.noise), cfg, args.out, device=device,
                       resume=not args.no_resume, quiet=args.quiet, on_step=hook)
     trainer.run()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    teardown_distributed()
     return trainer
 
 
