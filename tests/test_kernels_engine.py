@@ -224,6 +224,8 @@ def test_kernel_benchmark_dry_run_sweeps_launch_settings(tmp_path):
     for row in rows:
         assert len(row["sweep_fwd"]) == len(small["block_m"]) * len(small["warps"]) * len(small["stages"])
         assert all(e["max_err"] < 1e-4 and e["fwd_ms"] > 0 for e in row["sweep_fwd"])
-        assert len(row["sweep_readout"]) == len(small["readout_block_m"]) * len(small["readout_block_dv"])
+        assert len(row["sweep_readout"]) == (len(small["readout_block_m"]) * len(small["readout_block_dv"])
+                                             * len(small["readout_warps"]) * len(small["readout_row_blocks"]))
+        assert {e["row_blocks"] for e in row["sweep_readout"]} == set(small["readout_row_blocks"])
         assert all(e["max_rel_err"] < 1e-4 for e in row["sweep_readout"])
         assert row["sweep_fwd_best"] in row["sweep_fwd"] and row["sweep_readout_best"] in row["sweep_readout"]
