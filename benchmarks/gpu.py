@@ -320,8 +320,9 @@ def main(argv=None) -> int:
         if bad:
             p.error(f"--systems {name}: unknown option(s) {', '.join(sorted(bad))}; expected engine or "
                     f"{'+'.join(sorted(known))}")
-    if a.decode_variants and a.decode_variants != ["none"]:  # `--decode-variants none` (or nothing): skip
-        res["decode_ms_per_chunk"] = decode_bench(vae, preset, device, a.decode_variants, compile_backend, preview)
+    variants = [v for v in a.decode_variants if v != "none"]  # `--decode-variants none` (or nothing): skip
+    if variants:
+        res["decode_ms_per_chunk"] = decode_bench(vae, preset, device, variants, compile_backend, preview)
         write()
     cleans = {}
     for name in a.systems:

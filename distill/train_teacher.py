@@ -83,7 +83,7 @@ class TeacherTask:
         # the direction and speed words, a signal that whole-clip noise hardly gives (at high sigma the mean
         # over start positions is the same for every direction). It is also the student's streaming setting.
         n_ctx = torch.randint(1, nf, (B,), generator=gen) * (torch.rand(B, generator=gen) < self.p_context)
-        sf = sigma[:, None] * (torch.arange(nf, device=n_ctx.device)[None, :] >= n_ctx[:, None])  # [B, F] per-frame sigma
+        sf = sigma[:, None] * (torch.arange(nf)[None, :] >= n_ctx[:, None])  # [B, F] per-frame sigma
         return noisy_frames_loss(model, x0, eps, sf, ids, lengths, self.device), {}
 
 
@@ -92,7 +92,7 @@ def noisy_frames_loss(model, x0, eps, sf, ids, lengths, device="cpu") -> torch.T
     x0, eps, sf = x0.to(device), eps.to(device), sf.to(device)  # the batch may come from the CPU
     s = sf.view(*sf.shape[:1], 1, sf.shape[1], 1, 1)
     xt = (1 - s) * x0 + s * eps
-    v = model(xt, (sf * 1000).to(device), ids.to(device), lengths.to(device))
+    v = model(xt, sf * 1000, ids.to(device), lengths.to(device))
     w = (s > 0).to(v.dtype)
     err = (v - (eps - x0)).square() * w
     return err.sum() / (w.sum() * x0.shape[1] * x0.shape[3] * x0.shape[4])
