@@ -9,8 +9,8 @@
 # autocast, 64 clips a step, until MINUTES have passed (a checkpoint is saved when time is up); then, evaluating on
 # the GPU, write to OUTDIR three or four files, as a lease brings back at most 8 files of under 16 MiB:
 #   NAME-results.txt       the training log's last lines, the oracle adherence on 50 prompts, the same given each
-#                          clip's first latent frame (--context 1: how well it continues a clip, motion words
-#                          included) and the held-out loss
+#                          clip's first 3 latent frames (--context 3, a chunk: how it continues a clip, with the
+#                          sampled frames scored apart, split by still and moving clips) and the held-out loss
 #   NAME.tar.part-aa, -ab  the exported teacher (fp16) and the whole log, a tar in pieces of 15 MB:
 #                          cat NAME.tar.part-* | tar x  (gives NAME/ and NAME/log.jsonl)
 # Measured on an H200 host (2026-11-27): rendering and encoding the 10,000 clips takes about 70 s (10 workers);
@@ -62,6 +62,6 @@ python -m distill.train_teacher --preset "$PRESET" --vae "$VAE" --out "$RUN" --e
 cp "$RUN/log.jsonl" "$EXPORT/$NAME/log.jsonl"
 tar cf - -C "$EXPORT" "$NAME" | split -b 15000000 - "$OUTDIR/$NAME.tar.part-"
 python -m distill.train_teacher --preset "$PRESET" --vae "$VAE" --out "$RUN" --device "$DEVICE" --eval "$EVAL" \
-    --context 1 | tee -a "$RES"
+    --context 3 | tee -a "$RES"
 python -m distill.train_teacher --preset "$PRESET" --vae "$VAE" --out "$RUN" --device "$DEVICE" \
     --heldout "$HELDOUT" | tee -a "$RES"

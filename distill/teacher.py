@@ -65,31 +65,52 @@ def sigma_schedule(steps: int, shift: float) -> torch.Tensor:
     return sch.sigmas.float()
 
 
+def guided_velocity(v_cond: torch.Tensor, v_uncond: torch.Tensor | None = None, guidance: float = 1.0,
+                    v_guide: torch.Tensor | None = None, autoguidance: float = 1.0) -> torch.Tensor:
+    """v_uncond + guidance (v_cond - v_uncond) + (autoguidance - 1)(v_cond - v_guide).
+
+    The first part is classifier-free guidance (away from the unconditional prediction); the last term is autoguidance
+    (Karras et al. 2024, "Guiding a diffusion model with a bad version of itself"): away from the conditional
+    prediction of a weaker model of the same data, which errs where the strong one is still unsure. Each is off at
+    a weight of 1 (its reference may then be None)."""
+    v = v_cond if guidance == 1.0 else v_uncond + guidance * (v_cond - v_uncond)
+    if autoguidance != 1.0:
+        v = v + (autoguidance - 1.0) * (v_cond - v_guide)
+    return v
+
+
 @torch.no_grad()
 def sample(transformer, cond: torch.Tensor, uncond: torch.Tensor, noise: torch.Tensor, steps: int = 30,
-           guidance: float = 4.0, shift: float = 3.0, return_trajectory: bool = False, sigmas=None, context: int = 0):
+           guidance: float = 4.0, shift: float = 3.0, return_trajectory: bool = False, sigmas=None, context: int = 0,
+           guide=None, guide_cond: torch.Tensor | None = None, autoguidance: float = 1.0):
     """Euler ODE from noise (sigma 1) to x_0. cond/uncond [B, L, text_dim]; noise [B, C, F, h, w].
 
     `sigmas` (decreasing, 1 -> 0) overrides steps/shift. With return_trajectory, also returns
     (sigmas [S + 1], states [S + 1, B, ...]) for ODE distillation. With `context` K, the first K latent frames of
     `noise` are clean frames that stay as they are (timestep 0, as --p-context trains the teacher): the rest is
-    sampled as their continuation.
+    sampled as their continuation. With `guide` (a weaker transformer of the same latents, its prompt embeddings
+    `guide_cond`) and `autoguidance` w != 1, each step also extrapolates away from the guide's prediction
+    (guided_velocity); with guidance 1 that is autoguidance alone.
     """
     sig = sigma_schedule(steps, shift) if sigmas is None else sigmas
     steps = len(sig) - 1
+    auto = autoguidance != 1.0
+    if auto and (guide is None or guide_cond is None):
+        raise ValueError("autoguidance needs a guide model and its prompt embeddings")
     x = noise
     states = [x] if return_trajectory else None
     emb = torch.cat([cond, uncond]) if guidance != 1.0 else cond
     for i in range(steps):
         t = torch.full((x.shape[0], x.shape[2]), float(sig[i]) * 1000, device=x.device)
         t[:, :context] = 0.0
-        t = per_token(transformer, t if context else t[:, 0], x)
+        t = t if context else t[:, 0]
         xin = torch.cat([x, x]) if guidance != 1.0 else x
-        tin = torch.cat([t, t]) if guidance != 1.0 else t
+        tt = per_token(transformer, t, x)
+        tin = torch.cat([tt, tt]) if guidance != 1.0 else tt
         v = transformer(xin, tin, encoder_hidden_states=emb, return_dict=False)[0]
-        if guidance != 1.0:
-            vc, vu = v.chunk(2)
-            v = vu + guidance * (vc - vu)
+        vc, vu = v.chunk(2) if guidance != 1.0 else (v, None)
+        vg = guide(x, per_token(guide, t, x), encoder_hidden_states=guide_cond, return_dict=False)[0] if auto else None
+        v = guided_velocity(vc, vu, guidance, vg, autoguidance)
         v[:, :, :context] = 0.0  # the context stays clean
         x = x + (sig[i + 1] - sig[i]) * v
         if return_trajectory:

@@ -154,9 +154,10 @@ def teacher_preset(folder: str | Path) -> str | None:
 
 @torch.no_grad()
 def generate(teacher: Teacher, vae: VideoVAE, prompts: list[str], latent_frames: int, latent_hw, seed: int,
-             steps: int, guidance: float, shift: float, batch: int = 10) -> list:
+             steps: int, guidance: float, shift: float, batch: int = 10, guide: Teacher | None = None,
+             autoguidance: float = 1.0) -> list:
     """uint8 videos [T, H, W, 3] (T = 1 + t (latent_frames - 1), t the VAE's temporal compression) from the
-    teacher's multi-step sampler."""
+    teacher's multi-step sampler (autoguided by `guide` when autoguidance != 1)."""
     out = []
     for s in range(0, len(prompts), batch):
         ps = prompts[s:s + batch]
@@ -164,28 +165,36 @@ def generate(teacher: Teacher, vae: VideoVAE, prompts: list[str], latent_frames:
         noise = torch.randn((len(ps), teacher.transformer.config.in_channels, latent_frames, *latent_hw), generator=g)
         noise = noise.to(param_device(teacher))  # drawn on the CPU: the same clips on any device
         z = sample(teacher.transformer, teacher.text.encode(ps), teacher.text.encode([""] * len(ps)), noise,
-                   steps, guidance, shift)
+                   steps, guidance, shift, **_guide_kw(guide, ps, autoguidance))
         out += list(to_uint8(vae.decode(z)))
     return out
 
 
+def _guide_kw(guide: Teacher | None, prompts: list[str], autoguidance: float) -> dict:
+    if guide is None or autoguidance == 1.0:
+        return {}
+    return {"guide": guide.transformer, "guide_cond": guide.text.encode(prompts), "autoguidance": autoguidance}
+
+
 def evaluate(teacher: Teacher, vae: VideoVAE, preset, n: int, frames: int, steps: int, guidance: float,
-             shift: float, seed: int = 1234) -> dict:
+             shift: float, seed: int = 1234, guide: Teacher | None = None, autoguidance: float = 1.0) -> dict:
     """Oracle adherence of the teacher on n random prompts (fresh seed)."""
     from benchmarks.oracle import check_means, score_video
 
     rng = random.Random(seed)
     prompts = [sample_prompt(rng) for _ in range(n)]
     videos = generate(teacher, vae, prompts, (frames - 1) // vae.temporal + 1, preset.latent_hw, seed, steps,
-                      guidance, shift)
+                      guidance, shift, guide=guide, autoguidance=autoguidance)
     reports = [score_video(v, p) for v, p in zip(videos, prompts)]
     return {"adherence": sum(r.score for r in reports) / n, "checks": check_means(reports), "prompts": n,
-            "frames": frames, "steps": steps, "guidance": guidance, "shift": shift}
+            "frames": frames, "steps": steps, "guidance": guidance, "shift": shift,
+            **({"autoguidance": autoguidance} if guide is not None and autoguidance != 1.0 else {})}
 
 
 @torch.no_grad()
 def renoise_eval(teacher: Teacher, vae: VideoVAE, preset, n: int, frames: int, sigmas, steps: int, guidance: float,
-                 shift: float, seed: int = 1234, batch: int = 10, context: int = 0) -> dict:
+                 shift: float, seed: int = 1234, batch: int = 10, context: int = 0, guide: Teacher | None = None,
+                 autoguidance: float = 1.0) -> dict:
     """Where the teacher loses adherence: n fresh rendered clips (not the training clips' seed), encoded by the VAE,
     noised to each sigma and sampled from there by the teacher's sampler (sigma, then its grid's sigmas below it),
     with the clips' own prompts. Sigma 0 scores the VAE's reconstructions, sigma 1 ordinary sampling; a denoiser
@@ -208,11 +217,33 @@ def renoise_eval(teacher: Teacher, vae: VideoVAE, preset, n: int, frames: int, s
         if sig > 0:
             tail = torch.cat([torch.tensor([float(sig)]), grid[grid < sig]])
             x = torch.cat([sample(teacher.transformer, cond[i:i + batch], uncond[i:i + batch], x[i:i + batch],
-                                  guidance=guidance, sigmas=tail, context=context) for i in range(0, n, batch)])
+                                  guidance=guidance, sigmas=tail, context=context,
+                                  **_guide_kw(guide, prompts[i:i + batch], autoguidance))
+                           for i in range(0, n, batch)])
         videos = np.concatenate([to_uint8(vae.decode(x[i:i + batch])) for i in range(0, n, batch)])
         reports = [score_video(v, p) for v, p in zip(videos, prompts)]
         out[str(sig)] = {"adherence": sum(r.score for r in reports) / n, "checks": check_means(reports),
-                         **motion_summary(reports, prompts)}
+                         **motion_summary(reports, prompts), "by_motion": _by_motion(reports, prompts)}
+        if context:  # the sampled frames alone (the context's own frames pass the oracle by construction)
+            start = 1 + vae.temporal * (context - 1)  # latent frame 0 is one video frame, the others vae.temporal
+            sampled = [score_video(v[start:], p) for v, p in zip(videos, prompts)]
+            out[str(sig)]["sampled_frames"] = {"from_frame": start, "adherence": sum(r.score for r in sampled) / n,
+                                               "checks": check_means(sampled), "by_motion": _by_motion(sampled, prompts)}
+    return out
+
+
+def _by_motion(reports, prompts) -> dict:
+    """Adherence and check means of the clips whose objects all stand still, and of the others."""
+    from benchmarks.oracle import check_means
+
+    from .shapes import parse_prompt
+
+    still = [all(o.motion == "still" for o in parse_prompt(p).objects) for p in prompts]
+    out = {}
+    for name, keep in (("still", True), ("moving", False)):
+        rs = [r for r, s in zip(reports, still) if s == keep]
+        if rs:
+            out[name] = {"clips": len(rs), "adherence": sum(r.score for r in rs) / len(rs), "checks": check_means(rs)}
     return out
 
 
@@ -323,7 +354,12 @@ def _main(argv=None) -> int:
     p.add_argument("--steps-sample", type=int, default=30)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="where --eval, --heldout and --probe run (default cpu; training picks its own device)")
-    p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance of --eval's sampler")
+    p.add_argument("--guide", metavar="DIR",
+                   help="with --eval: a weaker teacher of the same latents (exported or a run folder, e.g. preset "
+                        "shapes-t2-s) that autoguides the sampler")
+    p.add_argument("--autoguidance", type=float, default=2.0,
+                   help="with --guide: v + (W - 1)(v - v_guide), besides --guidance's CFG term (default 2)")
     args = p.parse_args(argv)
     out = Path(args.out)
     trained_as = teacher_preset(out)  # a run folder or an export says which preset it was trained for
@@ -345,6 +381,13 @@ def _main(argv=None) -> int:
     if not (args.shift > 0 and 0.0 <= args.p_uncond <= 1.0 and args.render_workers >= 0):
         p.error(f"--shift must be positive, --p-uncond in [0, 1] and --render-workers >= 0 (got {args.shift}, "
                 f"{args.p_uncond} and {args.render_workers})")
+    if args.guide:
+        if not args.eval or not Path(args.guide).is_dir():
+            p.error(f"--guide {args.guide}: needs --eval N, and a teacher folder")
+        guide_preset = teacher_preset(args.guide) or args.preset
+        gp = get_preset(guide_preset)
+        if (gp.vae, gp.latent_hw, gp.model.in_channels) != (preset.vae, preset.latent_hw, preset.model.in_channels):
+            p.error(f"--guide {args.guide}: trained for preset {guide_preset}, not {args.preset}'s latents")
     if args.renoise and (not args.eval or any(not 0.0 <= v <= 1.0 for v in args.renoise)):
         p.error(f"--renoise {' '.join(map(str, args.renoise))}: needs --eval N, and sigmas in [0, 1]")
     latent_frames = (args.frames - 1) // t + 1
@@ -359,6 +402,8 @@ def _main(argv=None) -> int:
             export_teacher(teacher, Path(args.export), args.export_shard_mb, args.preset)
             print(args.export)
         teacher = teacher.to(args.device)
+        guide = load_teacher(Path(args.guide), guide_preset).to(args.device) if args.guide else None
+        ag = {"guide": guide, "autoguidance": args.autoguidance}
         vae = VideoVAE.from_folder(args.vae, device=args.device) if args.eval or args.heldout else None
         if args.probe:
             print(json.dumps(prompt_probe(teacher, LatentSet(args.latents), args.probe)))
@@ -366,12 +411,13 @@ def _main(argv=None) -> int:
             print(json.dumps(heldout_loss(teacher, vae, preset, args.heldout, args.frames)))
         if args.eval and (args.renoise or args.context):
             res = renoise_eval(teacher, vae, preset, args.eval, args.frames, args.renoise or [1.0], args.steps_sample,
-                               args.guidance, args.shift, context=args.context)
+                               args.guidance, args.shift, context=args.context, **ag)
             print(json.dumps({"renoise": res, "prompts": args.eval, "guidance": args.guidance,
+                              **({"autoguidance": args.autoguidance} if guide is not None else {}),
                               **({"context": args.context} if args.context else {})}))
         elif args.eval:
             print(json.dumps(evaluate(teacher, vae, preset, args.eval, args.frames, args.steps_sample, args.guidance,
-                                      args.shift)))
+                                      args.shift, **ag)))
         return 0
     rank, world, device = setup_distributed()
     lat = Path(args.latents)

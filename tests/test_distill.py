@@ -115,6 +115,65 @@ def test_teacher_sampler_matches_diffusers_euler():
     torch.testing.assert_close(ours, x, atol=1e-4, rtol=1e-4)
 
 
+def test_autoguided_sampler_matches_a_hand_written_loop():
+    """Autoguidance: each Euler step's velocity is vc + (g - 1)(vc - vu) + (a - 1)(vc - v_guide), the guide a weaker
+    model called on the same x with its own prompt embeddings; at a = 1 the guide is never called and the sampler is
+    the plain one; a != 1 without a guide is an error."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    preset = get_preset("tiny")
+    seed = random.randrange(1 << 30)
+    teacher = _randomise(Teacher.from_preset(preset, seed=seed % 97), 1).eval()
+    guide = _randomise(Teacher.from_preset(preset, seed=seed % 97 + 1), 2).eval()
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(2, preset.model.in_channels, 3, *preset.latent_hw, generator=g)
+    prompts = ["a red circle bouncing on a black background", "a blue square moving up on a gray background"]
+    cond, uncond, gcond = teacher.text.encode(prompts), teacher.text.encode([""] * 2), guide.text.encode(prompts)
+    for cfg, auto in ((3.0, 2.5), (1.0, 3.0)):
+        ours = sample(teacher.transformer, cond, uncond, noise, steps=5, guidance=cfg, shift=3.0,
+                      guide=guide.transformer, guide_cond=gcond, autoguidance=auto)
+        sch = FlowMatchEulerDiscreteScheduler(shift=3.0)
+        sch.set_timesteps(5)
+        x = noise
+        with torch.no_grad():
+            for t in sch.timesteps:
+                tt = t.expand(2)
+                vc = teacher.transformer(x, tt, encoder_hidden_states=cond, return_dict=False)[0]
+                vu = teacher.transformer(x, tt, encoder_hidden_states=uncond, return_dict=False)[0]
+                vg = guide.transformer(x, tt, encoder_hidden_states=gcond, return_dict=False)[0]
+                x = sch.step(vc + (cfg - 1) * (vc - vu) + (auto - 1) * (vc - vg), t, x, return_dict=False)[0]
+        torch.testing.assert_close(ours, x, atol=1e-4, rtol=1e-4)
+        assert (ours - sample(teacher.transformer, cond, uncond, noise, steps=5, guidance=cfg)).abs().max() > 1e-3
+
+    class Never(torch.nn.Module):
+        def forward(self, *a, **k):
+            raise AssertionError("the guide runs at autoguidance 1")
+
+    plain = sample(teacher.transformer, cond, uncond, noise, steps=4, guidance=2.0)
+    torch.testing.assert_close(sample(teacher.transformer, cond, uncond, noise, steps=4, guidance=2.0, guide=Never(),
+                                      guide_cond=gcond, autoguidance=1.0), plain, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="guide model"):
+        sample(teacher.transformer, cond, uncond, noise, steps=4, autoguidance=2.0)
+
+
+def test_eval_guide_flag_errors(tmp_path, capsys):
+    """--guide needs --eval and a folder; a guide trained on other latents is refused in one line (exit 2)."""
+    from distill import train_teacher
+
+    run = tmp_path / "t"
+    run.mkdir()
+    (run / "teacher.json").write_text('{"preset": "tiny"}\n')
+    other = tmp_path / "g"
+    other.mkdir()
+    (other / "teacher.json").write_text('{"preset": "shapes-t2-s"}\n')
+    for argv, msg in ((["--out", str(run), "--guide", str(other)], "needs --eval"),
+                      (["--out", str(run), "--eval", "2", "--guide", str(tmp_path / "none")], "needs --eval"),
+                      (["--out", str(run), "--eval", "2", "--guide", str(other)], "trained for preset shapes-t2-s")):
+        with pytest.raises(SystemExit) as e:
+            train_teacher.main(argv)
+        assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
 def test_training_pipeline_end_to_end_on_tiny(tmp_path):
     """VAE -> latents -> teacher -> ODE pairs -> student -> a model folder the engine generates from."""
     import numpy as np
@@ -679,6 +738,13 @@ def test_context_eval_keeps_the_first_latent_frames_and_samples_the_rest():
     teacher.transformer = Exact()
     res = renoise_eval(teacher, vae, preset, n, frames, [1.0], steps=5, guidance=4.0, shift=3.0, batch=2, context=k)
     assert list(res) == ["1.0"] and {"motion_ratio", "frozen_rate", "copy_rate"} <= set(res["1.0"])
+    from distill.shapes import parse_prompt
+    still = sum(all(o.motion == "still" for o in parse_prompt(p).objects) for p in prompts)
+    for part in (res["1.0"], res["1.0"]["sampled_frames"]):  # the clips split by motion: counts add up
+        assert sum(v["clips"] for v in part["by_motion"].values()) == n
+        assert part["by_motion"].get("still", {"clips": 0})["clips"] == still
+    sampled = res["1.0"]["sampled_frames"]
+    assert sampled["from_frame"] == 1 + vae.temporal * (k - 1) and 0 <= sampled["adherence"] <= 1
     assert all((t[:, :k] == 0).all() and (t[:, k:] > 0).all() for t in seen)
     assert seen[0][0, k] == pytest.approx(1000.0)
     out = torch.cat(decoded)  # (renoise_eval encodes in batches of 2: the same latents up to float rounding)
