@@ -94,8 +94,6 @@ def test_ode_task_regresses_to_the_trajectory_end():
 
 def test_teacher_sampler_matches_diffusers_euler():
     """Our Euler loop with CFG equals diffusers' FlowMatchEulerDiscreteScheduler driving the same model."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
     preset = get_preset("tiny")
     teacher = Teacher.from_preset(preset, seed=1).eval()
     g = torch.Generator().manual_seed(0)
@@ -103,24 +101,31 @@ def test_teacher_sampler_matches_diffusers_euler():
     cond = teacher.text.encode(["a red circle bouncing on a black background"])
     uncond = teacher.text.encode([""])
     ours = sample(teacher.transformer, cond, uncond, noise, steps=6, guidance=3.0, shift=3.0)
-    sch = FlowMatchEulerDiscreteScheduler(shift=3.0)
-    sch.set_timesteps(6)
+
+    def velocity(x, t):
+        vc, vu = (teacher.transformer(x, t, encoder_hidden_states=e, return_dict=False)[0] for e in (cond, uncond))
+        return vu + 3.0 * (vc - vu)
+
+    torch.testing.assert_close(ours, _diffusers_euler(velocity, noise, 6), atol=1e-4, rtol=1e-4)
+
+
+def _diffusers_euler(velocity, noise, steps, shift=3.0):
+    """diffusers' FlowMatchEulerDiscreteScheduler from noise with velocity(x, t [B]) -> v."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sch = FlowMatchEulerDiscreteScheduler(shift=shift)
+    sch.set_timesteps(steps)
     x = noise
     with torch.no_grad():
         for t in sch.timesteps:
-            tt = t.expand(1)
-            vc = teacher.transformer(x, tt, encoder_hidden_states=cond, return_dict=False)[0]
-            vu = teacher.transformer(x, tt, encoder_hidden_states=uncond, return_dict=False)[0]
-            x = sch.step(vu + 3.0 * (vc - vu), t, x, return_dict=False)[0]
-    torch.testing.assert_close(ours, x, atol=1e-4, rtol=1e-4)
+            x = sch.step(velocity(x, t.expand(len(x))), t, x, return_dict=False)[0]
+    return x
 
 
 def test_autoguided_sampler_matches_a_hand_written_loop():
     """Autoguidance: each Euler step's velocity is vc + (g - 1)(vc - vu) + (a - 1)(vc - v_guide), the guide a weaker
     model called on the same x with its own prompt embeddings; at a = 1 the guide is never called and the sampler is
     the plain one; a != 1 without a guide is an error."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
     preset = get_preset("tiny")
     seed = random.randrange(1 << 30)
     teacher = _randomise(Teacher.from_preset(preset, seed=seed % 97), 1).eval()
@@ -132,17 +137,13 @@ def test_autoguided_sampler_matches_a_hand_written_loop():
     for cfg, auto in ((3.0, 2.5), (1.0, 3.0)):
         ours = sample(teacher.transformer, cond, uncond, noise, steps=5, guidance=cfg, shift=3.0,
                       guide=guide.transformer, guide_cond=gcond, autoguidance=auto)
-        sch = FlowMatchEulerDiscreteScheduler(shift=3.0)
-        sch.set_timesteps(5)
-        x = noise
-        with torch.no_grad():
-            for t in sch.timesteps:
-                tt = t.expand(2)
-                vc = teacher.transformer(x, tt, encoder_hidden_states=cond, return_dict=False)[0]
-                vu = teacher.transformer(x, tt, encoder_hidden_states=uncond, return_dict=False)[0]
-                vg = guide.transformer(x, tt, encoder_hidden_states=gcond, return_dict=False)[0]
-                x = sch.step(vc + (cfg - 1) * (vc - vu) + (auto - 1) * (vc - vg), t, x, return_dict=False)[0]
-        torch.testing.assert_close(ours, x, atol=1e-4, rtol=1e-4)
+
+        def velocity(x, t):
+            vc, vu = (teacher.transformer(x, t, encoder_hidden_states=e, return_dict=False)[0] for e in (cond, uncond))
+            vg = guide.transformer(x, t, encoder_hidden_states=gcond, return_dict=False)[0]
+            return vc + (cfg - 1) * (vc - vu) + (auto - 1) * (vc - vg)
+
+        torch.testing.assert_close(ours, _diffusers_euler(velocity, noise, 5), atol=1e-4, rtol=1e-4)
         assert (ours - sample(teacher.transformer, cond, uncond, noise, steps=5, guidance=cfg)).abs().max() > 1e-3
 
     class Never(torch.nn.Module):
