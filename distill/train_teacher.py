@@ -178,7 +178,7 @@ def _guide_kw(guide: Teacher | None, prompts: list[str], autoguidance: float) ->
 
 def evaluate(teacher: Teacher, vae: VideoVAE, preset, n: int, frames: int, steps: int, guidance: float,
              shift: float, seed: int = 1234, guide: Teacher | None = None, autoguidance: float = 1.0) -> dict:
-    """Oracle adherence of the teacher on n random prompts (fresh seed)."""
+    """Oracle adherence of the teacher on n random prompts (fresh seed), also split by still and moving clips."""
     from benchmarks.oracle import check_means, score_video
 
     rng = random.Random(seed)
@@ -186,8 +186,9 @@ def evaluate(teacher: Teacher, vae: VideoVAE, preset, n: int, frames: int, steps
     videos = generate(teacher, vae, prompts, (frames - 1) // vae.temporal + 1, preset.latent_hw, seed, steps,
                       guidance, shift, guide=guide, autoguidance=autoguidance)
     reports = [score_video(v, p) for v, p in zip(videos, prompts)]
-    return {"adherence": sum(r.score for r in reports) / n, "checks": check_means(reports), "prompts": n,
-            "frames": frames, "steps": steps, "guidance": guidance, "shift": shift,
+    return {"adherence": sum(r.score for r in reports) / n, "checks": check_means(reports),
+            "by_motion": _by_motion(reports, prompts), "prompts": n, "frames": frames, "steps": steps,
+            "guidance": guidance, "shift": shift,
             **({"autoguidance": autoguidance} if guide is not None and autoguidance != 1.0 else {})}
 
 

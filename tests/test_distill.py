@@ -175,6 +175,23 @@ def test_eval_guide_flag_errors(tmp_path, capsys):
         assert e.value.code == 2 and msg in capsys.readouterr().err
 
 
+def test_evaluate_splits_still_and_moving_clips():
+    """--eval: the still / moving split covers every prompt once, and its adherences average to the whole."""
+    from distill.shapes import parse_prompt, sample_prompt
+    from distill.train_teacher import evaluate
+    from engine.vae import VideoVAE
+
+    preset = get_preset("tiny")
+    n = 6
+    res = evaluate(Teacher.from_preset(preset, seed=0).eval(), VideoVAE.from_config(preset.vae, seed=0), preset, n,
+                   frames=5, steps=2, guidance=2.0, shift=3.0)
+    rng = random.Random(1234)  # evaluate's prompts
+    still = sum(all(o.motion == "still" for o in parse_prompt(sample_prompt(rng)).objects) for _ in range(n))
+    parts = res["by_motion"]
+    assert sum(v["clips"] for v in parts.values()) == n and parts.get("still", {"clips": 0})["clips"] == still
+    assert sum(v["clips"] * v["adherence"] for v in parts.values()) / n == pytest.approx(res["adherence"])
+
+
 def test_training_pipeline_end_to_end_on_tiny(tmp_path):
     """VAE -> latents -> teacher -> ODE pairs -> student -> a model folder the engine generates from."""
     import numpy as np
