@@ -179,16 +179,15 @@ def _guide_kw(guide: Teacher | None, prompts: list[str], autoguidance: float) ->
 def evaluate(teacher: Teacher, vae: VideoVAE, preset, n: int, frames: int, steps: int, guidance: float,
              shift: float, seed: int = 1234, guide: Teacher | None = None, autoguidance: float = 1.0) -> dict:
     """Oracle adherence of the teacher on n random prompts (fresh seed), also split by still and moving clips."""
-    from benchmarks.oracle import check_means, score_video
+    from benchmarks.oracle import score_video
 
     rng = random.Random(seed)
     prompts = [sample_prompt(rng) for _ in range(n)]
     videos = generate(teacher, vae, prompts, (frames - 1) // vae.temporal + 1, preset.latent_hw, seed, steps,
                       guidance, shift, guide=guide, autoguidance=autoguidance)
     reports = [score_video(v, p) for v, p in zip(videos, prompts)]
-    return {"adherence": sum(r.score for r in reports) / n, "checks": check_means(reports),
-            "by_motion": _by_motion(reports, prompts), "prompts": n, "frames": frames, "steps": steps,
-            "guidance": guidance, "shift": shift,
+    return {**_summary(reports, prompts), "prompts": n, "frames": frames, "steps": steps, "guidance": guidance,
+            "shift": shift,
             **({"autoguidance": autoguidance} if guide is not None and autoguidance != 1.0 else {})}
 
 
@@ -203,7 +202,7 @@ def renoise_eval(teacher: Teacher, vae: VideoVAE, preset, n: int, frames: int, s
     latent frames stay clean (timestep 0, as --p-context trains it) and only the rest is noised and sampled: the
     teacher's continuation of where the objects were, which only the motion words can get right.
     -> {sigma: adherence, checks and the motion summary (speed ratio, frozen and copy rates)}."""
-    from benchmarks.oracle import check_means, motion_summary, score_video
+    from benchmarks.oracle import motion_summary, score_video
 
     prompts, video = ShapesClips(preset.width, preset.height, frames, seed=seed).videos(range(n))
     z0 = torch.cat([vae.encode(video[i:i + batch]) for i in range(0, n, batch)])
@@ -223,28 +222,27 @@ def renoise_eval(teacher: Teacher, vae: VideoVAE, preset, n: int, frames: int, s
                            for i in range(0, n, batch)])
         videos = np.concatenate([to_uint8(vae.decode(x[i:i + batch])) for i in range(0, n, batch)])
         reports = [score_video(v, p) for v, p in zip(videos, prompts)]
-        out[str(sig)] = {"adherence": sum(r.score for r in reports) / n, "checks": check_means(reports),
-                         **motion_summary(reports, prompts), "by_motion": _by_motion(reports, prompts)}
+        out[str(sig)] = {**_summary(reports, prompts), **motion_summary(reports, prompts)}
         if context:  # the sampled frames alone (the context's own frames pass the oracle by construction)
             start = 1 + vae.temporal * (context - 1)  # latent frame 0 is one video frame, the others vae.temporal
             sampled = [score_video(v[start:], p) for v, p in zip(videos, prompts)]
-            out[str(sig)]["sampled_frames"] = {"from_frame": start, "adherence": sum(r.score for r in sampled) / n,
-                                               "checks": check_means(sampled), "by_motion": _by_motion(sampled, prompts)}
+            out[str(sig)]["sampled_frames"] = {"from_frame": start, **_summary(sampled, prompts)}
     return out
 
 
-def _by_motion(reports, prompts) -> dict:
-    """Adherence and check means of the clips whose objects all stand still, and of the others."""
+def _summary(reports, prompts, split: bool = True) -> dict:
+    """Oracle reports -> adherence and check means, and (split) the same for the clips whose objects all stand still
+    and for the others (by_motion)."""
     from benchmarks.oracle import check_means
 
     from .shapes import parse_prompt
 
-    still = [all(o.motion == "still" for o in parse_prompt(p).objects) for p in prompts]
-    out = {}
-    for name, keep in (("still", True), ("moving", False)):
-        rs = [r for r, s in zip(reports, still) if s == keep]
-        if rs:
-            out[name] = {"clips": len(rs), "adherence": sum(r.score for r in rs) / len(rs), "checks": check_means(rs)}
+    out = {"adherence": sum(r.score for r in reports) / len(reports), "checks": check_means(reports)}
+    if split:
+        still = [all(o.motion == "still" for o in parse_prompt(p).objects) for p in prompts]
+        parts = {"still": [r for r, s in zip(reports, still) if s],
+                 "moving": [r for r, s in zip(reports, still) if not s]}
+        out["by_motion"] = {k: {"clips": len(rs), **_summary(rs, None, split=False)} for k, rs in parts.items() if rs}
     return out
 
 
