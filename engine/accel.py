@@ -20,7 +20,11 @@ compile_decoder(vae)
 GraphedForward (Stream(cuda_graphs=True)) -- EXPERIMENTAL, not offered by the CLIs: on an H200 (torch 2.11,
 benchmarks/results/gpu-h200-2026-11-26.md) a replayed forward differed from the eager forward on the same input
 and cache (max 0.57 at outputs of scale 2.6) while eager was bit-reproducible, and it gained only 3% (the step
-is GPU-bound). Cause not yet found; `python -m benchmarks.gpu --systems graphs graphs+flash` checks it again.
+is GPU-bound). The likely cause, found since by reading the code: the captured forward read its timestep from
+a tensor that nothing kept alive after the capture, so replays read whatever the allocator had put in its
+place (a replayed graph reads raw addresses). Every tensor a graph reads is now held with the graph, and a CPU
+test (tests/test_accel.py) checks that each tensor the captured forward reads outlives the capture. Equality
+on a GPU is still to be measured: `python -m benchmarks.gpu --systems engine graphs`.
 
     Once the cache is in steady state (sink and window full), every forward of the current chunk reads and
     writes the same buffers with the same shapes: the KV buffers are preallocated, the live region is the
@@ -103,7 +107,9 @@ class GraphedForward:
 
     def __init__(self, stream):
         self.s = stream
-        self.graphs: dict[float, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        # timestep -> (graph, static input x, static timestep tensor, output): a replay reads the inputs' memory by
+        # address, so every tensor the graph reads must live as long as the graph (hence tt is kept too)
+        self.graphs: dict[float, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.pool = None  # one memory pool for all graphs: they replay one after another on one stream
         self.text_kv = None  # static copy the graphs read
         self._text_src = None  # the stream's text_kv it was copied from
@@ -134,7 +140,7 @@ class GraphedForward:
         self._sync_text()
         key = float(t)
         if key in self.graphs:
-            g, xs, out = self.graphs[key]
+            g, xs, _, out = self.graphs[key]
             xs.copy_(x)
             g.replay()
             return out.clone()
@@ -159,6 +165,6 @@ class GraphedForward:
         with torch.cuda.graph(g, pool=self.pool):
             out = forward()
         self.pool = g.pool()
-        self.graphs[t] = (g, xs, out)
+        self.graphs[t] = (g, xs, tt, out)
         self.captures += 1
         return result

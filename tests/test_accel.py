@@ -1,6 +1,6 @@
 """engine/accel.py on the CPU: regional compilation equals eager and compiles once for all blocks; the CUDA-graph
-option is a no-op off CUDA and refused by the CLI. (Graph replay itself needs a GPU: benchmarks/gpu.py checks it
-against eager there.)"""
+option is a no-op off CUDA and refused by the CLI; a (fake) graph capture keeps alive every tensor it reads. (Graph
+replay itself needs a GPU: benchmarks/gpu.py checks it against eager there.)"""
 
 from __future__ import annotations
 
@@ -236,3 +236,84 @@ def test_steady_warmup_reaches_the_shapes_every_later_chunk_sees(sink):
     assert layouts[n - 3] != warm or sink == "none", layouts  # and not much longer than needed
     gen.warmup()  # not compiled: one chunk
     assert len(layouts) == n + 4
+
+
+class _ReadRecorder(torch.overrides.TorchFunctionMode):
+    """Inside a (fake) CUDA-graph capture: weak references to every tensor an op reads that was not made inside
+    the capture. A real graph replays its kernels on those tensors' raw addresses, so each must outlive it."""
+
+    def __init__(self):
+        super().__init__()
+        self.made, self.read = set(), {}
+        self.keep = []  # what the capture made, held while it runs so that ids stay unique
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        import weakref
+
+        from torch.utils._pytree import tree_flatten
+
+        kwargs = kwargs or {}
+        for a in tree_flatten((args, kwargs))[0]:
+            if isinstance(a, torch.Tensor) and id(a) not in self.made and id(a) not in self.read:
+                self.read[id(a)] = (weakref.ref(a), tuple(a.shape), getattr(func, "__name__", str(func)))
+        out = func(*args, **kwargs)
+        for o in tree_flatten(out)[0]:
+            if isinstance(o, torch.Tensor):
+                self.made.add(id(o))
+                self.keep.append(o)
+        return out
+
+
+def test_graph_capture_keeps_alive_every_tensor_the_captured_forward_reads(monkeypatch):
+    """GraphedForward._capture under a fake torch.cuda graph API (this CPU has none): every tensor the captured
+    forward reads and did not make must still be alive after the capture, or a replay reads freed memory. (It
+    once built the timestep tensor inside _capture and kept nothing of it: the suspected cause of the wrong
+    replays measured on an H200.)"""
+    import contextlib
+    import gc
+
+    recorders = []
+
+    class FakeStream:
+        def wait_stream(self, other):
+            pass
+
+    class FakeGraph:
+        def pool(self):
+            return None
+
+    @contextlib.contextmanager
+    def fake_graph(g, pool=None):
+        rec = _ReadRecorder()
+        recorders.append(rec)
+        with rec:
+            yield
+        rec.keep.clear()  # what the capture made lives in the graph's pool in reality; here it may go
+
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: FakeStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", fake_graph)
+
+    seed = int.from_bytes(os.urandom(2), "little")
+    preset = get_preset("tiny")
+    torch.manual_seed(seed)
+    model = CausalWanModel(preset.model).eval().requires_grad_(False)
+    s = Stream(model, preset)
+    s.set_prompt(torch.randn(1, 5, preset.model.text_dim))
+    g = torch.Generator().manual_seed(seed)
+    while not (s.cache.sink_frames == s.cache.S and s.cache.window_frames == s.cache.W):
+        s.next_chunk(g)
+    graphed = accel.GraphedForward(s)
+    x = torch.randn(s.chunk_shape, generator=g)
+    with torch.no_grad():
+        graphed._sync_text()
+        want = s.model(x, torch.full((1,), 750.0), text_kv=s.text_kv, ctx=s.cache)
+        got = graphed._capture(x, 750.0)  # the warm-up's result: the call's real output
+    torch.testing.assert_close(got, want, msg=f"seed={seed}")
+    gc.collect()
+    (rec,) = recorders
+    assert len(rec.read) > 10  # it saw the forward: parameters, the cache, the inputs
+    dead = [(shape, op) for ref, shape, op in rec.read.values() if ref() is None]
+    assert not dead, f"the captured forward reads tensors freed after the capture (shape, first op): {dead}"
