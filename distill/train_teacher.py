@@ -251,7 +251,8 @@ def heldout_loss(teacher: Teacher, vae: VideoVAE, preset, n: int, frames: int, s
                  seed: int = 1234, batch: int = 10) -> dict:
     """The flow-matching loss on n fresh rendered clips (not the training seed; the clips of --eval's renoise) at
     fixed sigmas, with every latent frame noisy and with the first one clean (context), each with its own prompt and
-    one fixed noise draw: a measure of fit far less noisy than the oracle on samples, comparable across runs."""
+    one fixed noise draw: a measure of fit far less noisy than the oracle on samples, comparable across runs. Also
+    `continuation` (continuation_error): how well it predicts the moving clips' frames after a chunk of 3."""
     prompts, video = ShapesClips(preset.width, preset.height, frames, seed=seed).videos(range(n))
     z0 = torch.cat([vae.encode(video[i:i + batch]) for i in range(0, n, batch)])
     eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed))
@@ -266,7 +267,43 @@ def heldout_loss(teacher: Teacher, vae: VideoVAE, preset, n: int, frames: int, s
                         * len(z0[i:i + batch])
                         for i in range(0, n, batch))  # batch means, weighted by their clips
             out[f"{'context 1, ' if ctx else ''}sigma {sig}"] = round(total / n, 5)
-    return {"clips": n, "frames": frames, "loss": out}
+    res = {"clips": n, "frames": frames, "loss": out}
+    cont = continuation_error(teacher, z0, eps, prompts, batch=batch)
+    if cont:
+        res["continuation"] = cont
+    return res
+
+
+@torch.no_grad()
+def continuation_error(teacher: Teacher, z0: torch.Tensor, eps: torch.Tensor, prompts: list[str], context: int = 3,
+                       batch: int = 10) -> dict | None:
+    """Does the teacher carry motion forward? On the clips with a moving object: the first `context` latent frames
+    clean, the rest pure noise (sigma 1), its one-step clean estimate x0 = x_t - v of each later frame. At sigma 1
+    the input holds nothing of those frames, and the Shapes world's motion is deterministic, so a model that had
+    learnt it would predict them exactly: this is next-frame regression. Against the error of copying the last
+    context frame (a model that stops every object), per later latent frame and as the ratio of the means.
+    -> None when no clip moves or the clips are not longer than the context."""
+    from .shapes import parse_prompt
+
+    moving = [i for i, p in enumerate(prompts) if any(o.motion != "still" for o in parse_prompt(p).objects)]
+    if not moving or z0.shape[2] <= context:
+        return None
+    z, e, ps = z0[moving], eps[moving], [prompts[i] for i in moving]
+    sf = torch.ones(len(moving), z.shape[2])
+    sf[:, :context] = 0.0
+    device = param_device(teacher)
+    errs = []
+    for i in range(0, len(moving), batch):
+        zb, eb, sb = z[i:i + batch].to(device), e[i:i + batch].to(device), sf[i:i + batch].to(device)
+        s = sb.view(len(zb), 1, -1, 1, 1)
+        xt = (1 - s) * zb + s * eb
+        ids, lengths = teacher.text._tokenize(ps[i:i + batch])
+        v = teacher(xt, sb * 1000, ids.to(device), lengths.to(device))
+        errs.append((xt - s * v - zb)[:, :, context:].square().mean((1, 3, 4)).cpu())  # [b, F - context]
+    model = torch.cat(errs).mean(0)
+    copy = (z[:, :, context - 1:context] - z[:, :, context:]).square().mean((0, 1, 3, 4))
+    return {"context": context, "moving_clips": len(moving), "x0_error": [round(float(x), 4) for x in model],
+            "copy_last_error": [round(float(x), 4) for x in copy], "ratio": round(float(model.mean() / copy.mean()), 4)}
 
 
 @torch.no_grad()

@@ -803,3 +803,54 @@ def test_heldout_loss_is_the_flow_matching_loss_on_fresh_clips_whatever_the_batc
                                            *teacher.text._tokenize(prompts[i:i + 1]))) for i in range(5)) / 5
     assert abs(b["loss"]["context 1, sigma 0.4"] - want) < 2e-5
     assert a["loss"]["sigma 0.4"] != a["loss"]["context 1, sigma 0.4"]
+
+
+def test_continuation_error_scores_one_step_prediction_of_the_moving_clips_against_copying():
+    """--heldout's continuation: on the moving clips only, the one-step x0 error of the frames after a clean chunk,
+    from pure noise. A model that copies the last context frame scores the copy baseline (ratio 1), one that knows
+    the answer scores 0, and the random teacher's numbers do not depend on the batching."""
+    from distill.data import ShapesClips
+    from distill.shapes import parse_prompt
+    from distill.train_teacher import continuation_error, heldout_loss
+    from engine.vae import VideoVAE
+
+    preset = get_preset("tiny")
+    vae = VideoVAE.from_config(preset.vae, seed=0)
+    teacher = _randomise(Teacher.from_preset(preset, seed=5), 5).eval()
+    seed = random.randrange(1 << 16)
+    prompts, video = ShapesClips(preset.width, preset.height, 13, seed=seed).videos(range(7))
+    z0 = vae.encode(video)
+    eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed))
+    moving = [i for i, p in enumerate(prompts) if any(o.motion != "still" for o in parse_prompt(p).objects)]
+    held_has_moving = any(i < 6 for i in moving)  # heldout_loss below renders the first 6 of these clips
+    if not moving:  # make one clip move (a still-only draw is possible on 7 prompts)
+        prompts[0] = "a red circle moving left on a black background"
+        moving = [0]
+
+    class Fixed(torch.nn.Module):
+        """A 'teacher' whose clean estimate x_t - sigma v is a given clip batch (by clip order)."""
+
+        def __init__(self, answer):
+            super().__init__()
+            self.w, self.text, self.answer, self.seen = torch.nn.Parameter(torch.zeros(1)), teacher.text, answer, 0
+
+        def forward(self, x, t, ids, lengths):
+            a = self.answer[self.seen:self.seen + len(x)]
+            self.seen += len(x)
+            return (x - a) / (t[:, None, :, None, None] / 1000).clamp_min(1e-6)  # sigma 0 frames: unused
+
+    k = 2
+    z = z0[moving]
+    copy = torch.cat([z[:, :, :k], z[:, :, k - 1:k].expand(-1, -1, z.shape[2] - k, -1, -1)], 2)
+    c = continuation_error(Fixed(copy), z0, eps, prompts, context=k, batch=2)
+    assert c["moving_clips"] == len(moving) and len(c["x0_error"]) == z0.shape[2] - k
+    assert c["ratio"] == pytest.approx(1.0, abs=1e-3) and c["x0_error"] == pytest.approx(c["copy_last_error"], abs=2e-4)
+    perfect = continuation_error(Fixed(z), z0, eps, prompts, context=k, batch=3)
+    assert max(perfect["x0_error"]) < 1e-8 and perfect["ratio"] == 0
+    a = continuation_error(teacher, z0, eps, prompts, context=k, batch=2)
+    b = continuation_error(teacher, z0, eps, prompts, context=k, batch=10)
+    assert a["x0_error"] == pytest.approx(b["x0_error"], abs=2e-4) and a["ratio"] > 0
+    still = ["a red circle standing still on a black background"] * len(prompts)
+    assert continuation_error(teacher, z0, eps, still) is None
+    held = heldout_loss(teacher, vae, preset, n=6, frames=13, sigmas=(0.9,), seed=seed, batch=3)
+    assert ("continuation" in held) == held_has_moving  # --heldout reports it on its own clips
