@@ -34,8 +34,8 @@ on a GPU is still to be measured: `python -m benchmarks.gpu --systems engine gra
     place when the prompt changes (dropped and recaptured if its length changes). Before steady state, and for
     the sparse and linear-memory paths (data-dependent block tables; a memory state that is replaced, not
     updated in place), the eager forward runs. By design a replay runs the eager forward's kernels on the
-    same buffers; the GPU check says it does not, so some input of the captured kernels is not what eager
-    reads (benchmarks/gpu.py's replay check reports the first layer whose keys differ).
+    same buffers; on the H200 it did not, most likely because one input (the timestep tensor) had been freed.
+    benchmarks/gpu.py's replay check compares a replay with eager and names the first layer whose keys differ.
 """
 
 from __future__ import annotations
