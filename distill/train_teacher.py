@@ -235,15 +235,20 @@ def _summary(reports, prompts, split: bool = True) -> dict:
     and for the others (by_motion)."""
     from benchmarks.oracle import check_means
 
-    from .shapes import parse_prompt
-
     out = {"adherence": sum(r.score for r in reports) / len(reports), "checks": check_means(reports)}
     if split:
-        still = [all(o.motion == "still" for o in parse_prompt(p).objects) for p in prompts]
+        still = [not _moves(p) for p in prompts]
         parts = {"still": [r for r, s in zip(reports, still) if s],
                  "moving": [r for r, s in zip(reports, still) if not s]}
         out["by_motion"] = {k: {"clips": len(rs), **_summary(rs, None, split=False)} for k, rs in parts.items() if rs}
     return out
+
+
+def _moves(prompt: str) -> bool:
+    """Does any object of the prompt move (every motion but "standing still")?"""
+    from .shapes import parse_prompt
+
+    return any(o.motion != "still" for o in parse_prompt(prompt).objects)
 
 
 @torch.no_grad()
@@ -283,9 +288,7 @@ def continuation_error(teacher: Teacher, z0: torch.Tensor, eps: torch.Tensor, pr
     learnt it would predict them exactly: this is next-frame regression. Against the error of copying the last
     context frame (a model that stops every object), per later latent frame and as the ratio of the means.
     -> None when no clip moves or the clips are not longer than the context."""
-    from .shapes import parse_prompt
-
-    moving = [i for i, p in enumerate(prompts) if any(o.motion != "still" for o in parse_prompt(p).objects)]
+    moving = [i for i, p in enumerate(prompts) if _moves(p)]
     if not moving or z0.shape[2] <= context:
         return None
     z, e, ps = z0[moving], eps[moving], [prompts[i] for i in moving]
