@@ -9,6 +9,8 @@ Systems (same model, resolution, frame count, seed), each with the oracle's adhe
   recompute     no KV cache: every forward re-runs the whole history (clean frames, block-causal) + the chunk
   wan_pipeline  diffusers' WanPipeline with the bidirectional teacher at its usual 30 CFG steps (--teacher;
                 with --preset, a random teacher of that preset): what a user would otherwise run
+  engine[native-vae]  the engine as it decoded before the VAE's CPU fast paths (engine/vae.py): PyTorch's own
+                choice of convolution and RMS norm kernels, and one latent frame per decoder call (as diffusers)
   engine[...]   the engine under each other sink policy (none / static / ema), block-sparse attention at 20%
                 density, linear memory, and both; at 2 denoising steps (steps=2); decoded by the model's fast
                 preview decoder (preview, preview+steps=2: engine/preview.py, when the model has one); with
@@ -31,6 +33,7 @@ import resource
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -79,11 +82,12 @@ def summarize(chunks_ms, stages, frames, seconds, first_ms):
 
 def stream_system(model, frames: int, recompute: bool, seed: int = 0, marks=(), score: bool = True,
                   cache_cfg=None, sampler_cfg=None, first_runs: int = 5, delivery: bool = False,
-                  preview: bool = False) -> tuple[dict, dict]:
+                  preview: bool = False, decoder_frames_per_call: int | None = None) -> tuple[dict, dict]:
     """Stream `frames` frames and time it; `marks` are frame counts at which to report the local FPS and the
     resident memory. With `score`, the result holds the oracle's adherence of the streamed video; with
     `delivery`, the JPEG / H.264 / websocket timings of its chunks (benchmarks/stages.py)."""
-    gen = VideoGenerator(model, recompute=recompute, cache_cfg=cache_cfg, sampler_cfg=sampler_cfg, preview=preview)
+    gen = VideoGenerator(model, recompute=recompute, cache_cfg=cache_cfg, sampler_cfg=sampler_cfg, preview=preview,
+                         decoder_frames_per_call=decoder_frames_per_call)
     t_warm = time.perf_counter()
     gen.warmup()
     t_warm = time.perf_counter() - t_warm
@@ -161,7 +165,7 @@ def recompute_at(model, frames_before: int, chunks: int = 2, seed: int = 0) -> d
     reset_peak()
     st.history = [torch.randn(st.chunk_shape, generator=g).to(st.device, st.dtype) for _ in range(n_hist)]
     st.chunks = n_hist
-    decoder = model.vae.stream()
+    decoder = model.vae.stream(None)  # as the engine decodes: a chunk a call
     # move the decoder past its first-frame path, as it would be this far into a stream
     decoder.decode(torch.zeros(st.chunk_shape)[:, :, :1])
     times = []
@@ -193,6 +197,16 @@ def recompute_attention_mb(model, n_chunks: int) -> float:
     _, ph, pw = cfg.patch_size
     L = n_chunks * model.preset.cache.frames_per_chunk * (h // ph) * (w // pw)
     return (L * L * (1 + 4 * cfg.num_attention_heads)) / 2**20
+
+
+@contextmanager
+def native_vae(model):
+    """The VAE without the engine's CPU fast paths (engine/vae.py `fast_cpu`): diffusers' modules as they are."""
+    model.vae.fast_cpu = False
+    try:
+        yield
+    finally:
+        model.vae.fast_cpu = True
 
 
 def engine_configs(base, model) -> dict:
@@ -278,6 +292,11 @@ def table(results: dict) -> str:
     if "fps" in wan:
         lines.append(f"engine vs wan_pipeline: {eng['fps'] / wan['fps']:.1f}x the fps, first frame in "
                      f"{eng['first_frame_ms'] / wan['first_frame_ms']:.3f} of its time")
+    nat = results["systems"].get("engine[native-vae]", {})
+    if "stage_ms" in nat:
+        dn, de = nat["stage_ms"]["decode"], eng["stage_ms"]["decode"]
+        lines.append(f"VAE decode: {de:.1f} ms a chunk against {dn:.1f} with PyTorch's own kernels and a latent frame a "
+                     f"call (engine[native-vae]): {dn / de:.2f}x")
     lines.append("")
     lines.append("stage ms per chunk (engine): " + ", ".join(f"{k} {v:.1f}" for k, v in eng["stage_ms"].items()))
     lines.append("  each forward: " + ", ".join(f"{k} {v:.1f}" for k, v in eng.get("forward_ms", {}).items()))
@@ -430,6 +449,10 @@ def main(argv=None) -> int:
     print(f"benchmarking {pr.name} ({n_params / 1e6:.1f} M parameters, {pr.width}x{pr.height}) on "
           f"{results['device']['name']}, {a.threads} threads", file=sys.stderr)
     results["systems"]["engine"], _ = stream_system(model, frames, recompute=False, delivery=True)
+    print("engine[native-vae] ...", file=sys.stderr)
+    with native_vae(model):
+        results["systems"]["engine[native-vae]"], _ = stream_system(model, frames, recompute=False, first_runs=3,
+                                                                    decoder_frames_per_call=1)
     results["systems"]["recompute"], _ = stream_system(model, frames, recompute=True)
     for name, cfg in engine_configs(pr.cache, model).items():
         print(f"{name} ...", file=sys.stderr)
@@ -447,7 +470,8 @@ def main(argv=None) -> int:
         finally:
             if compiled:
                 compile_engine(model, False)
-    results["systems"]["wan_pipeline"] = pipeline_system(a, model, frames)
+    with native_vae(model):  # what a user would otherwise run: diffusers' modules as they are
+        results["systems"]["wan_pipeline"] = pipeline_system(a, model, frames)
     colds = [cold_first_chunk(str(model.path), a.device, dtype) for _ in range(1 if a.quick else 3)]
     results["systems"]["engine"]["cold_first_chunk_ms"] = float(np.median(colds))
     longest = int(max(secs) * pr.fps)

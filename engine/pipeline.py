@@ -65,7 +65,7 @@ def attach_preview(model: LoadedModel, path: str, device="cpu", dtype=torch.floa
 
 class VideoGenerator:
     def __init__(self, model: LoadedModel, *, cache_cfg=None, sampler_cfg=None, recompute=False, decode=True,
-                 cuda_graphs=False, decoder_frames_per_call=1, preview=False):
+                 cuda_graphs=False, decoder_frames_per_call=None, preview=False):
         """preview: decode with the model's fast preview decoder (engine/preview.py) instead of the VAE's."""
         self.m = model
         self.preset = model.preset
@@ -73,7 +73,7 @@ class VideoGenerator:
         self.stream = Stream(model.transformer, model.preset, cache_cfg=cache_cfg, sampler_cfg=sampler_cfg,
                              recompute=recompute, cuda_graphs=cuda_graphs)
         self.decode = decode
-        self.decoder_frames_per_call = decoder_frames_per_call  # engine/vae.py StreamingDecoder
+        self.decoder_frames_per_call = decoder_frames_per_call  # engine/vae.py StreamingDecoder: None = a chunk a call
         self.decoder = model.vae
         if preview:
             check_preview(model)

@@ -165,7 +165,7 @@ class PreviewDecoder(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self(z.to(self.device))
 
-    def stream(self, frames_per_call: int = 1) -> "StreamingPreview":
+    def stream(self, frames_per_call: int | None = 1) -> "StreamingPreview":
         """A streaming decoder (frames_per_call is the VAE's option: this one always takes a chunk at once)."""
         return StreamingPreview(self)
 

@@ -11,24 +11,84 @@ from the previous call. diffusers threads those through a flat list (`feat_cache
 the caller never sees the list. Decoding latent frames one at a time through it equals a full decode
 exactly (this is what diffusers' own decode loop does). Relies on diffusers' private decoder signature:
 diffusers is pinned in pyproject.toml.
+
+CPU fast paths (`VideoVAE.fast_cpu`, on by default; each measured against what it replaces in `python -m benchmarks`,
+row `engine[native-vae]`). They change no result beyond float rounding (tested):
+- `conv3d`: for a float32 convolution with batch 1 and 3-wide kernels, PyTorch takes oneDNN only when
+  N*C*D*H > 20480 (`use_mkldnn` in ATen's Convolution.cpp). The rule was written for 2-D inputs (N*C*H*W); on 5-D
+  ones it never counts the width, so the Shapes decoder's full-resolution convs (12 channels, 4 frames, 66 rows:
+  3,168) go to its slow im2col path, 2.5-4x slower than oneDNN on a 2-core CPU. Here every 3-D conv with a kernel
+  wider than 1 and more than 20480 input elements (the same threshold, counting every element) goes to oneDNN, while
+  nothing needs its gradient.
+- `channel_rms_norm`: Wan's RMS norm normalises over the channel axis of [B, C, T, H, W] with `F.normalize`, whose
+  vector norm over a non-last axis runs 15-20x slower on the CPU than a sum of squares over the same axis.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from diffusers import AutoencoderKLWan
-from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, unpatchify
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanRMS_norm, unpatchify
 
 from .config import VAEConfig
 
 
+ONEDNN_MIN_ELEMENTS = 20480  # PyTorch's size threshold for oneDNN, here counted over the whole input
+
+
+def onednn_wins(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `conv3d` sends this convolution to oneDNN: a float32 CPU conv with a kernel wider than 1x1x1 and more
+    than ONEDNN_MIN_ELEMENTS input elements (measured: below it, or for 1x1x1 kernels, PyTorch's own path is as fast
+    or faster), whose gradient nothing needs (inference only), outside torch.compile (which picks its own kernels,
+    and cannot trace the oneDNN op)."""
+    return (x.device.type == "cpu" and not torch.compiler.is_compiling() and x.dtype == weight.dtype == torch.float32 and x.dim() == 5
+            and tuple(weight.shape[2:]) != (1, 1, 1) and x.numel() > ONEDNN_MIN_ELEMENTS
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+
+
+def conv3d(x, weight, bias=None, stride=(1, 1, 1), padding=(0, 0, 0), dilation=(1, 1, 1), groups=1):
+    """F.conv3d (zero padding), through oneDNN where `onednn_wins` (the module doc says why)."""
+    if onednn_wins(x, weight):
+        return torch.ops.aten.mkldnn_convolution(x.contiguous(), weight.contiguous(), bias, list(padding),
+                                                 list(stride), list(dilation), groups)
+    return F.conv3d(x, weight, bias, stride, padding, dilation, groups)
+
+
+def channel_rms_norm(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """F.normalize(x, dim=1): x / max(||x||_2 over the channels, eps), as a sum of squares (the module doc says why)."""
+    return x / x.square().sum(1, keepdim=True).sqrt().clamp_min(eps)
+
+
+def _conv_forward(conv: nn.Conv3d, owner: "VideoVAE", x, weight, bias):
+    if not owner.fast_cpu:
+        return F.conv3d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return conv3d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def _norm_forward(norm: WanRMS_norm, owner: "VideoVAE", x):
+    if not (owner.fast_cpu and norm.channel_first and x.device.type == "cpu" and x.dtype == torch.float32):
+        return WanRMS_norm.forward(norm, x)
+    return channel_rms_norm(x) * norm.scale * norm.gamma + norm.bias
+
+
 class VideoVAE:
-    def __init__(self, vae: AutoencoderKLWan):
+    def __init__(self, vae: AutoencoderKLWan, fast_cpu: bool = True):
         self.vae = vae.eval().requires_grad_(False)
         c = vae.config
         self.z_dim = c.z_dim
         self.temporal, self.spatial = c.scale_factor_temporal, c.scale_factor_spatial
         self._n_convs = sum(isinstance(m, WanCausalConv3d) for m in vae.decoder.modules())
+        self.fast_cpu = fast_cpu  # the CPU fast paths of the module doc; False: diffusers' modules as they are
+        for m in vae.modules():  # instance attributes: they shadow the class's methods for this VAE only
+            if isinstance(m, nn.Conv3d) and m.padding_mode == "zeros":
+                m._conv_forward = functools.partial(_conv_forward, m, self)
+            elif isinstance(m, WanRMS_norm):
+                m.forward = functools.partial(_norm_forward, m, self)
 
     # ---- construction / storage -------------------------------------------------------------------
 
@@ -96,7 +156,7 @@ class VideoVAE:
         mean, std = self._stats(z)
         return self.vae.decode(z * std + mean).sample
 
-    def stream(self, frames_per_call: int = 1) -> "StreamingDecoder":
+    def stream(self, frames_per_call: int | None = 1) -> "StreamingDecoder":
         return StreamingDecoder(self, frames_per_call)
 
 
@@ -104,12 +164,14 @@ class StreamingDecoder:
     """Decodes latent chunks in order; the concatenated output equals `VideoVAE.decode` of the whole clip.
 
     frames_per_call: latent frames per decoder call (the very first frame always goes alone, as diffusers
-    decodes it). 1 is what diffusers does; more gives the GPU larger convolutions (benchmarks/gpu.py times
-    both); on a CPU 1 is faster."""
+    decodes it); None: all the frames of a `decode` call in one decoder call (the engine's choice: a chunk). 1 is
+    what diffusers does, and equals its full decode exactly; other groupings reorder float sums (rounding only).
+    Larger calls are faster: a chunk of 3 latent frames decodes in 0.7x the time of 3 calls on a 2-core CPU (with
+    `fast_cpu`) and 0.9x on an H200 (benchmarks/gpu.py, `fpc3`)."""
 
-    def __init__(self, vae: VideoVAE, frames_per_call: int = 1):
-        if frames_per_call < 1:
-            raise ValueError("frames_per_call must be >= 1")
+    def __init__(self, vae: VideoVAE, frames_per_call: int | None = 1):
+        if frames_per_call is not None and frames_per_call < 1:
+            raise ValueError("frames_per_call must be >= 1 (or None: a call's frames at once)")
         self.v = vae
         self.frames_per_call = frames_per_call
         self.reset()
@@ -127,7 +189,7 @@ class StreamingDecoder:
         x = vae.post_quant_conv(z * std + mean)  # 1x1x1 conv: per frame
         outs, i = [], 0
         while i < x.shape[2]:
-            n = 1 if self.latent_frames == 0 else min(self.frames_per_call, x.shape[2] - i)
+            n = 1 if self.latent_frames == 0 else min(self.frames_per_call or x.shape[2], x.shape[2] - i)
             out = vae.decoder(x[:, :, i:i + n], feat_cache=self._feat, feat_idx=[0],
                               first_chunk=self.latent_frames == 0)
             if vae.config.patch_size is not None:

@@ -101,7 +101,7 @@ def merge_decoders(decs: list[StreamingDecoder]) -> StreamingDecoder:
     """One decoder whose caches are the given decoders' caches stacked along batch (same decoder_phase)."""
     if isinstance(decs[0], StreamingPreview):
         return StreamingPreview.merge(decs)
-    merged = decs[0].v.stream()
+    merged = decs[0].v.stream(decs[0].frames_per_call)
     merged.latent_frames = decs[0].latent_frames
     feats = []
     for entries in zip(*(d._feat for d in decs)):
@@ -172,7 +172,7 @@ class EngineBackend:
 
     def open(self, spec: SessionSpec) -> EngineState:
         stream = Stream(self.model, self.preset, cache_cfg=self.cache_cfg, sampler_cfg=self.sampler_cfg)
-        return EngineState(stream, self.decoder.stream(), torch.Generator().manual_seed(spec.seed),
+        return EngineState(stream, self.decoder.stream(None), torch.Generator().manual_seed(spec.seed),
                            pending=spec.prompt)
 
     def warmup(self):

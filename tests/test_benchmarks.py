@@ -58,7 +58,7 @@ def test_benchmark_run_on_tiny_writes_every_system(tmp_path, capsys, monkeypatch
     configs = {"engine[sink=none]", "engine[sink=static]", "engine[sparse=0.2]", "engine[linear]",
                "engine[sparse=0.2+linear]",  # tiny's default sink is ema: that is `engine`
                "engine[steps=2]", "engine[compile]", "engine[compile+steps=2]",
-               "engine[preview]", "engine[preview+steps=2]", "engine[compile+preview+steps=2]"}
+               "engine[preview]", "engine[preview+steps=2]", "engine[compile+preview+steps=2]", "engine[native-vae]"}
     assert set(r["systems"]) == {"engine", "recompute", "wan_pipeline"} | configs
     # compiled for those three (the VAE's decoder only where it decodes), then eager
     assert compiled == ["blocks", "vae"] * 2 + ["blocks"] and not accel.is_compiled()
@@ -70,6 +70,8 @@ def test_benchmark_run_on_tiny_writes_every_system(tmp_path, capsys, monkeypatch
     assert list(r["systems"]["engine[steps=2]"]["forward_ms"]) == ["step_1", "step_2", "clean"]
     # the same weights, noise and schedule: compiling changes the speed, not the video
     assert abs(r["systems"]["engine[compile]"]["oracle"] - r["systems"]["engine"]["oracle"]) < 1e-3
+    # and so does decoding with PyTorch's own kernels, a latent frame a call (the VAE's CPU fast paths off)
+    assert abs(r["systems"]["engine[native-vae]"]["oracle"] - r["systems"]["engine"]["oracle"]) < 1e-3
     for name, s in r["systems"].items():
         for key in ("fps", "first_frame_ms", "chunk_ms", "stage_ms", "peak_memory_mb", "oracle"):
             assert key in s, (name, key)
@@ -89,7 +91,7 @@ def test_benchmark_run_on_tiny_writes_every_system(tmp_path, capsys, monkeypatch
     assert a["engine"]["rss_mb"] > 0 and b["engine"]["rss_mb"] > 0
     assert b["recompute"]["state_mb"] > a["recompute"]["state_mb"] and b["recompute"]["peak_rss_mb"] > 0
     printed = capsys.readouterr().out
-    assert "engine vs wan_pipeline" in printed and "websocket loopback" in printed
+    assert "engine vs wan_pipeline" in printed and "websocket loopback" in printed and "VAE decode: " in printed
 
 
 def test_benchmark_skips_the_pipeline_without_a_teacher(tmp_path):

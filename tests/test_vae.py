@@ -96,3 +96,77 @@ def test_a_loaded_vae_saves_without_its_source_path(tmp_path):
     VideoVAE.from_folder(tmp_path / "a").save(tmp_path / "b")
     a, b = (json.loads((tmp_path / d / "config.json").read_text()) for d in "ab")
     assert "_name_or_path" not in b and a == b
+
+
+# ---- the CPU fast paths (engine/vae.py: oneDNN convolutions, the channel RMS norm) ----------------------------
+
+
+def test_onednn_conv3d_equals_torch_conv3d_on_random_inputs():
+    import os
+
+    import torch.nn.functional as F
+
+    from engine.vae import ONEDNN_MIN_ELEMENTS, conv3d, onednn_wins
+
+    seed = int.from_bytes(os.urandom(2), "little")
+    g = torch.Generator().manual_seed(seed)
+    cases = [((1, 12, 4, 35, 29), (7, 12, 3, 3, 3), (0, 1, 1), (1, 1, 1)),  # odd sizes, padding
+             ((1, 5, 3, 35, 41), (9, 5, 3, 1, 3), (0, 0, 1), (1, 2, 1)),  # an odd kernel and a stride
+             ((2, 6, 5, 23, 17), (4, 6, 3, 3, 3), (1, 1, 1), (1, 1, 1))]  # batch 2
+    for xs, ws, pad, stride in cases:
+        x, w, b = torch.randn(xs, generator=g), torch.randn(ws, generator=g), torch.randn(ws[0], generator=g)
+        assert x.numel() > ONEDNN_MIN_ELEMENTS and onednn_wins(x, w)
+        want = F.conv3d(x, w, b, stride, pad)
+        torch.testing.assert_close(conv3d(x, w, b, stride, pad), want, rtol=1e-4, atol=1e-4, msg=f"seed={seed}")
+        torch.testing.assert_close(conv3d(x, w, None, stride, pad), F.conv3d(x, w, None, stride, pad),
+                                   rtol=1e-4, atol=1e-4, msg=f"seed={seed}")
+    # where PyTorch's own path is as fast or the op has no business: small inputs, 1x1x1 kernels, other dtypes, and
+    # anything whose gradient is needed (training)
+    big, w3 = torch.randn(1, 12, 4, 34, 34), torch.randn(12, 12, 3, 3, 3)
+    assert onednn_wins(big, w3)
+    assert not onednn_wins(torch.randn(1, 8, 3, 18, 18), torch.randn(8, 8, 3, 3, 3))
+    assert not onednn_wins(big, torch.randn(12, 12, 1, 1, 1))
+    assert not onednn_wins(big.double(), w3.double())
+    assert not onednn_wins(big, w3.clone().requires_grad_())
+    with torch.no_grad():
+        assert onednn_wins(big, w3.clone().requires_grad_())
+
+
+def test_channel_rms_norm_equals_normalize_over_channels():
+    import torch.nn.functional as F
+
+    from engine.vae import channel_rms_norm
+
+    x = torch.randn(2, 7, 3, 9, 5)
+    x[0, :, 1, 2, 3] = 0.0  # an all-zero channel vector: the eps floor, no division by zero
+    got = channel_rms_norm(x)
+    torch.testing.assert_close(got, F.normalize(x, dim=1), rtol=1e-6, atol=1e-7)
+    assert got[0, :, 1, 2, 3].abs().max() == 0
+
+
+def test_fast_cpu_vae_decodes_what_diffusers_modules_decode(monkeypatch):
+    """The shipped layout at its real widths (so the full-resolution convs cross the oneDNN threshold): the whole
+    decode and a chunk-per-call stream with the fast paths equal diffusers' own modules up to float rounding."""
+    import engine.vae as ev
+
+    vae = randomised(7, get_preset("shapes-t2").vae)
+    used, real = [], ev.onednn_wins
+
+    def counted(x, w):
+        used.append(real(x, w))
+        return used[-1]
+
+    monkeypatch.setattr(ev, "onednn_wins", counted)
+    z = torch.randn(1, 8, 7, 16, 16, generator=torch.Generator().manual_seed(8))
+    vae.fast_cpu = False
+    want = vae.decode(z)
+    assert not used  # off: not even consulted
+    vae.fast_cpu = True
+    got = vae.decode(z)
+    assert any(used) and not all(used)  # the large convs go to oneDNN, the small ones stay
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    dec = vae.stream(None)  # the engine's: each call's frames at once
+    streamed = torch.cat([dec.decode(c) for c in z.split([1, 3, 3], dim=2)], 2)
+    torch.testing.assert_close(streamed, want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="frames_per_call"):
+        vae.stream(0)
