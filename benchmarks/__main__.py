@@ -14,7 +14,7 @@ Systems (same model, resolution, frame count, seed), each with the oracle's adhe
   engine[...]   the engine under each other sink policy (none / static / ema), block-sparse attention at 20%
                 density, linear memory, and both; at 2 denoising steps (steps=2); decoded by the model's fast
                 preview decoder (preview, preview+steps=2: engine/preview.py, when the model has one); with
-                --compile, with the transformer blocks and the VAE decoder compiled by torch.compile (compile,
+                --compile, with the transformer blocks (and on a GPU the VAE decoder) compiled by torch.compile (compile,
                 compile+steps=2, compile+preview+steps=2)
 Stages: text encode, each denoising forward (step_1 .. step_N) and the clean pass, VAE decode; then, on the
 engine's frames, JPEG and H.264 encode and websocket transport on loopback (benchmarks/stages.py).
@@ -255,7 +255,7 @@ def compile_engine(model, on: bool, decoder: bool = True):
 
     if on:
         accel.compile_blocks()
-        if decoder:
+        if decoder and accel.decoder_gains_from_compile(model.vae):  # not on a CPU (engine/accel.py)
             accel.compile_decoder(model.vae)
     else:
         accel.reset_compiled()
@@ -403,7 +403,7 @@ def main(argv=None) -> int:
                    help="teacher folder for the wan_pipeline baseline (ignored with --preset: a random teacher)")
     p.add_argument("--no-pipeline", action="store_true", help="skip the wan_pipeline baseline")
     p.add_argument("--compile", action="store_true",
-                   help="also time the engine with torch.compile (blocks and VAE decoder; needs a C++ compiler on "
+                   help="also time the engine with torch.compile (blocks, and on a GPU the VAE decoder; needs a C++ compiler on "
                         "the CPU; compilation is reported as warmup_s, not in the timings)")
     a = p.parse_args(argv)
     if a.threads < 1 or any(not s > 0 for s in a.seconds or []):

@@ -15,7 +15,9 @@ checkpoint_blocks()
     recompute would read a cache that later chunks have since changed.
 
 compile_decoder(vae)
-    Compiles the VAE decoder in place: on a GPU at 832x480 it is the largest stage after the transformer.
+    Compiles the VAE decoder in place: on a GPU at 832x480 it is the largest stage after the transformer. The CLIs
+    and the benchmark compile it only where `decoder_gains_from_compile` says so: not on a CPU, where the VAE's own
+    fast paths (engine/vae.py) decode as fast as Inductor's code and compiling costs minutes.
 
 GraphedForward (Stream(cuda_graphs=True)) -- EXPERIMENTAL, not offered by the CLIs: on an H200 (torch 2.11,
 benchmarks/results/gpu-h200-2026-11-26.md) a replayed forward differed from the eager forward on the same input
@@ -87,6 +89,13 @@ def compile_decoder(vae, backend: str = "inductor", mode: str | None = None):
     # decoder's blocks one by one, one entry per channel width, and the default limit of 8 sent the rest to eager.
     dc.recompile_limit = max(dc.recompile_limit, 64)
     vae.vae.decoder.compile(backend=backend, mode=mode, dynamic=False)
+
+
+def decoder_gains_from_compile(vae) -> bool:
+    """False on a CPU with the VAE's fast paths on (engine/vae.py `fast_cpu`): there the eager decoder ran a chunk of
+    the shipped model in 67 ms against 74-78 compiled by Inductor (which keeps the oneDNN convolutions), after a
+    144-s compilation (2-core CPU, 2026-11-28). On a GPU the compiled decoder ran 157 ms a chunk against 254 (H200)."""
+    return vae.device.type != "cpu" or not vae.fast_cpu
 
 
 def reset_decoder(vae):

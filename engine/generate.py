@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FP8 weights in the transformer blocks (engine/fp8.py): half of bf16's memory; FP8 matmuls "
                         "on GPUs of compute capability 8.9+ with --dtype bfloat16")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the transformer blocks' tensor work and the VAE decoder (engine/accel.py; "
+                   help="torch.compile the transformer blocks' tensor work, and on a GPU the VAE decoder (engine/accel.py; "
                         "costs seconds to a minute at start, cached by torch afterwards)")
     p.add_argument("--preview", nargs="?", const="", metavar="FILE",
                    help="decode with the fast preview decoder (engine/preview.py): the model's own (preview/), or "
@@ -123,10 +123,10 @@ def main(argv=None) -> int:
 
         quantize_fp8(model.transformer)
     if a.compile:
-        from .accel import compile_blocks, compile_decoder
+        from .accel import compile_blocks, compile_decoder, decoder_gains_from_compile
 
         compile_blocks()
-        if a.preview is None:  # the preview decoder is cheap as it is
+        if a.preview is None and decoder_gains_from_compile(model.vae):  # the preview decoder is cheap as it is
             compile_decoder(model.vae)
     gen = VideoGenerator(model, cache_cfg=cache_cfg, sampler_cfg=sampler_cfg, preview=a.preview is not None)
     gen.warmup()

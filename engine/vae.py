@@ -43,19 +43,34 @@ ONEDNN_MIN_ELEMENTS = 20480  # PyTorch's size threshold for oneDNN, here counted
 def onednn_wins(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `conv3d` sends this convolution to oneDNN: a float32 CPU conv with a kernel wider than 1x1x1 and more
     than ONEDNN_MIN_ELEMENTS input elements (measured: below it, or for 1x1x1 kernels, PyTorch's own path is as fast
-    or faster), whose gradient nothing needs (inference only), outside torch.compile (which picks its own kernels,
-    and cannot trace the oneDNN op)."""
-    return (x.device.type == "cpu" and not torch.compiler.is_compiling() and x.dtype == weight.dtype == torch.float32 and x.dim() == 5
+    or faster), whose gradient nothing needs (inference only)."""
+    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.dim() == 5
             and tuple(weight.shape[2:]) != (1, 1, 1) and x.numel() > ONEDNN_MIN_ELEMENTS
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
 
+# An op of its own, so that torch.compile keeps the oneDNN call (as an opaque kernel between the ones it fuses):
+# dynamo cannot trace aten's mkldnn_convolution itself on its fake tensors, and left to itself Inductor takes
+# PyTorch's slow path for these convolutions as eager does.
+@torch.library.custom_op("streamgen::onednn_conv3d", mutates_args=())
+def onednn_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: list[int],
+                  padding: list[int], dilation: list[int], groups: int) -> torch.Tensor:
+    return torch.ops.aten.mkldnn_convolution(x.contiguous(), weight.contiguous(), bias, padding, stride, dilation,
+                                             groups)
+
+
+@onednn_conv3d.register_fake
+def _(x, weight, bias, stride, padding, dilation, groups):
+    size = [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1
+            for i in range(3)]
+    return x.new_empty((x.shape[0], weight.shape[0], *size))  # contiguous, as oneDNN returns it
+
+
 def conv3d(x, weight, bias=None, stride=(1, 1, 1), padding=(0, 0, 0), dilation=(1, 1, 1), groups=1):
     """F.conv3d (zero padding), through oneDNN where `onednn_wins` (the module doc says why)."""
     if onednn_wins(x, weight):
-        return torch.ops.aten.mkldnn_convolution(x.contiguous(), weight.contiguous(), bias, list(padding),
-                                                 list(stride), list(dilation), groups)
+        return onednn_conv3d(x, weight, bias, list(stride), list(padding), list(dilation), groups)
     return F.conv3d(x, weight, bias, stride, padding, dilation, groups)
 
 

@@ -98,9 +98,19 @@ def test_generate_compile_flag_compiles_and_gives_the_same_video(tmp_path, tiny_
                      "--device", "cpu", "--quiet", *extra]) == 0
         videos[name] = np.stack([np.asarray(Image.open(f)) for f in sorted(out.glob("*.png"))])
         accel.reset_compiled()
-    assert calls == ["inductor", "decoder:inductor"]  # generate --compile compiles the blocks and the decoder
+    # generate --compile compiles the blocks, and the decoder only where that pays: not on a CPU (engine/accel.py)
+    assert calls == ["inductor"]
     assert videos["eager"].shape == (13, 32, 32, 3)
     assert np.abs(videos["eager"].astype(int) - videos["compiled"].astype(int)).max() <= 1
+
+
+def test_the_decoder_is_compiled_only_where_its_cpu_fast_paths_do_not_apply():
+    from engine.vae import VideoVAE
+
+    vae = VideoVAE.from_config(get_preset("tiny").vae)
+    assert not accel.decoder_gains_from_compile(vae)  # a CPU with the fast paths: eager is as fast
+    vae.fast_cpu = False
+    assert accel.decoder_gains_from_compile(vae)
 
 
 def test_gpu_benchmark_dry_run_writes_every_system(tmp_path, restore_eager):
