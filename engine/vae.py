@@ -17,9 +17,9 @@ row `engine[native-vae]`). They change no result beyond float rounding (tested):
 - `conv3d`: for a float32 convolution with batch 1 and 3-wide kernels, PyTorch takes oneDNN only when
   N*C*D*H > 20480 (`use_mkldnn` in ATen's Convolution.cpp). The rule was written for 2-D inputs (N*C*H*W); on 5-D
   ones it never counts the width, so the Shapes decoder's full-resolution convs (12 channels, 4 frames, 66 rows:
-  3,168) go to its slow im2col path, 2.5-4x slower than oneDNN on a 2-core CPU. Here every 3-D conv with a kernel
-  wider than 1 and more than 20480 input elements (the same threshold, counting every element) goes to oneDNN, while
-  nothing needs its gradient.
+  3,168) go to its slow im2col path, 2.5-4x slower than oneDNN on a 2-core CPU. Here every 3-D conv that PyTorch's
+  rule leaves on that path, with a kernel wider than 1 and more than 20480 input elements (the same threshold,
+  counting every element), goes to oneDNN, while nothing needs its gradient.
 - `channel_rms_norm`: Wan's RMS norm normalises over the channel axis of [B, C, T, H, W] with `F.normalize`, whose
   vector norm over a non-last axis runs 15-20x slower on the CPU than a sum of squares over the same axis.
 """
@@ -40,12 +40,20 @@ from .config import VAEConfig
 ONEDNN_MIN_ELEMENTS = 20480  # PyTorch's size threshold for oneDNN, here counted over the whole input
 
 
-def onednn_wins(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `conv3d` sends this convolution to oneDNN: a float32 CPU conv with a kernel wider than 1x1x1 and more
-    than ONEDNN_MIN_ELEMENTS input elements (measured: below it, or for 1x1x1 kernels, PyTorch's own path is as fast
-    or faster), whose gradient nothing needs (inference only)."""
+def torch_picks_onednn(x: torch.Tensor, weight: torch.Tensor, groups: int = 1) -> bool:
+    """PyTorch's own rule for a float32 CPU convolution (`use_mkldnn`, less its clause for 1x1 kernels)."""
+    return (groups > 1 or x.shape[0] > 1 or (weight.shape[-1] > 3 and weight.shape[-2] > 3)
+            or x.shape[:4].numel() > ONEDNN_MIN_ELEMENTS)
+
+
+def onednn_wins(x: torch.Tensor, weight: torch.Tensor, groups: int = 1) -> bool:
+    """Whether `conv3d` sends this convolution to oneDNN where PyTorch would not: a float32 CPU conv with a kernel
+    wider than 1x1x1 and more than ONEDNN_MIN_ELEMENTS input elements (measured: below it, or for 1x1x1 kernels,
+    PyTorch's own path is as fast or faster), whose gradient nothing needs (inference only). Where PyTorch picks
+    oneDNN itself (a batch, say), its own call is left alone: it was faster than this one (VAE encoding, batch 8)."""
     return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.dim() == 5
             and tuple(weight.shape[2:]) != (1, 1, 1) and x.numel() > ONEDNN_MIN_ELEMENTS
+            and not torch_picks_onednn(x, weight, groups)
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
@@ -69,7 +77,7 @@ def _(x, weight, bias, stride, padding, dilation, groups):
 
 def conv3d(x, weight, bias=None, stride=(1, 1, 1), padding=(0, 0, 0), dilation=(1, 1, 1), groups=1):
     """F.conv3d (zero padding), through oneDNN where `onednn_wins` (the module doc says why)."""
-    if onednn_wins(x, weight):
+    if onednn_wins(x, weight, groups):
         return onednn_conv3d(x, weight, bias, list(stride), list(padding), list(dilation), groups)
     return F.conv3d(x, weight, bias, stride, padding, dilation, groups)
 
