@@ -89,7 +89,7 @@ def channel_rms_norm(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
 
 def _conv_forward(conv: nn.Conv3d, owner: "VideoVAE", x, weight, bias):
     if not owner.fast_cpu:
-        return F.conv3d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return nn.Conv3d._conv_forward(conv, x, weight, bias)  # the class's own, as diffusers runs it
     return conv3d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
