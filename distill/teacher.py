@@ -82,7 +82,8 @@ def guided_velocity(v_cond: torch.Tensor, v_uncond: torch.Tensor | None = None, 
 @torch.no_grad()
 def sample(transformer, cond: torch.Tensor, uncond: torch.Tensor, noise: torch.Tensor, steps: int = 30,
            guidance: float = 4.0, shift: float = 3.0, return_trajectory: bool = False, sigmas=None, context: int = 0,
-           guide=None, guide_cond: torch.Tensor | None = None, autoguidance: float = 1.0):
+           guide=None, guide_cond: torch.Tensor | None = None, autoguidance: float = 1.0,
+           history_guidance: float = 1.0):
     """Euler ODE from noise (sigma 1) to x_0. cond/uncond [B, L, text_dim]; noise [B, C, F, h, w].
 
     `sigmas` (decreasing, 1 -> 0) overrides steps/shift. With return_trajectory, also returns
@@ -90,13 +91,18 @@ def sample(transformer, cond: torch.Tensor, uncond: torch.Tensor, noise: torch.T
     `noise` are clean frames that stay as they are (timestep 0, as --p-context trains the teacher): the rest is
     sampled as their continuation. With `guide` (a weaker transformer of the same latents, its prompt embeddings
     `guide_cond`) and `autoguidance` w != 1, each step also extrapolates away from the guide's prediction
-    (guided_velocity); with guidance 1 that is autoguidance alone.
+    (guided_velocity); with guidance 1 that is autoguidance alone. With `context` K and `history_guidance` h != 1, the
+    sampled frames' velocity also moves (h - 1)(v_cond - v_alone) away from v_alone, the conditional prediction for
+    those frames as a clip of their own (no context): guidance towards the history, as History-Guided Video Diffusion
+    does (Song et al. 2025); it amplifies what the context says about how the clip goes on.
     """
     sig = sigma_schedule(steps, shift) if sigmas is None else sigmas
     steps = len(sig) - 1
     auto = autoguidance != 1.0
     if auto and (guide is None or guide_cond is None):
         raise ValueError("autoguidance needs a guide model and its prompt embeddings")
+    if history_guidance != 1.0 and not 0 < context < noise.shape[2]:
+        raise ValueError("history guidance needs a context of 1 .. F - 1 latent frames")
     x = noise
     states = [x] if return_trajectory else None
     emb = torch.cat([cond, uncond]) if guidance != 1.0 else cond
@@ -111,6 +117,11 @@ def sample(transformer, cond: torch.Tensor, uncond: torch.Tensor, noise: torch.T
         vc, vu = v.chunk(2) if guidance != 1.0 else (v, None)
         vg = guide(x, per_token(guide, t, x), encoder_hidden_states=guide_cond, return_dict=False)[0] if auto else None
         v = guided_velocity(vc, vu, guidance, vg, autoguidance)
+        if history_guidance != 1.0:
+            xs = x[:, :, context:]
+            v_alone = transformer(xs, per_token(transformer, t[:, context:], xs), encoder_hidden_states=cond,
+                                  return_dict=False)[0]
+            v[:, :, context:] += (history_guidance - 1.0) * (vc[:, :, context:] - v_alone)
         v[:, :, :context] = 0.0  # the context stays clean
         x = x + (sig[i + 1] - sig[i]) * v
         if return_trajectory:

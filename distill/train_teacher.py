@@ -194,13 +194,14 @@ def evaluate(teacher: Teacher, vae: VideoVAE, preset, n: int, frames: int, steps
 @torch.no_grad()
 def renoise_eval(teacher: Teacher, vae: VideoVAE, preset, n: int, frames: int, sigmas, steps: int, guidance: float,
                  shift: float, seed: int = 1234, batch: int = 10, context: int = 0, guide: Teacher | None = None,
-                 autoguidance: float = 1.0) -> dict:
+                 autoguidance: float = 1.0, history_guidance: float = 1.0) -> dict:
     """Where the teacher loses adherence: n fresh rendered clips (not the training clips' seed), encoded by the VAE,
     noised to each sigma and sampled from there by the teacher's sampler (sigma, then its grid's sigmas below it),
     with the clips' own prompts. Sigma 0 scores the VAE's reconstructions, sigma 1 ordinary sampling; a denoiser
     that knew the clip exactly would score sigma 0's adherence at every sigma. With `context` K the clips' first K
     latent frames stay clean (timestep 0, as --p-context trains it) and only the rest is noised and sampled: the
-    teacher's continuation of where the objects were, which only the motion words can get right.
+    teacher's continuation of where the objects were, which only the motion words can get right (`history_guidance`:
+    the sampler's guidance towards that context, `sample`).
     -> {sigma: adherence, checks and the motion summary (speed ratio, frozen and copy rates)}."""
     from benchmarks.oracle import motion_summary, score_video
 
@@ -217,7 +218,7 @@ def renoise_eval(teacher: Teacher, vae: VideoVAE, preset, n: int, frames: int, s
         if sig > 0:
             tail = torch.cat([torch.tensor([float(sig)]), grid[grid < sig]])
             x = torch.cat([sample(teacher.transformer, cond[i:i + batch], uncond[i:i + batch], x[i:i + batch],
-                                  guidance=guidance, sigmas=tail, context=context,
+                                  guidance=guidance, sigmas=tail, context=context, history_guidance=history_guidance,
                                   **_guide_kw(guide, prompts[i:i + batch], autoguidance))
                            for i in range(0, n, batch)])
         videos = np.concatenate([to_uint8(vae.decode(x[i:i + batch])) for i in range(0, n, batch)])
@@ -399,6 +400,9 @@ def _main(argv=None) -> int:
                         "shapes-t2-s) that autoguides the sampler")
     p.add_argument("--autoguidance", type=float, default=2.0,
                    help="with --guide: v + (W - 1)(v - v_guide), besides --guidance's CFG term (default 2)")
+    p.add_argument("--history-guidance", type=float, default=1.0, metavar="W",
+                   help="with --context: v + (W - 1)(v - v_alone), v_alone the sampled frames' prediction without the "
+                        "context (guidance towards the history; default 1: off)")
     args = p.parse_args(argv)
     out = Path(args.out)
     trained_as = teacher_preset(out)  # a run folder or an export says which preset it was trained for
@@ -433,6 +437,8 @@ def _main(argv=None) -> int:
     if args.context and (not args.eval or not 0 < args.context < latent_frames):
         p.error(f"--context {args.context}: needs --eval N, and 0 < K < {latent_frames} (the latent frames of "
                 f"--frames {args.frames})")
+    if args.history_guidance != 1.0 and not args.context:
+        p.error(f"--history-guidance {args.history_guidance}: needs --context K (the history it guides towards)")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     if args.export or args.eval or args.probe or args.heldout:
@@ -450,9 +456,11 @@ def _main(argv=None) -> int:
             print(json.dumps(heldout_loss(teacher, vae, preset, args.heldout, args.frames)))
         if args.eval and (args.renoise or args.context):
             res = renoise_eval(teacher, vae, preset, args.eval, args.frames, args.renoise or [1.0], args.steps_sample,
-                               args.guidance, args.shift, context=args.context, **ag)
+                               args.guidance, args.shift, context=args.context,
+                               history_guidance=args.history_guidance, **ag)
             print(json.dumps({"renoise": res, "prompts": args.eval, "guidance": args.guidance,
                               **({"autoguidance": args.autoguidance} if guide is not None else {}),
+                              **({"history_guidance": args.history_guidance} if args.history_guidance != 1 else {}),
                               **({"context": args.context} if args.context else {})}))
         elif args.eval:
             print(json.dumps(evaluate(teacher, vae, preset, args.eval, args.frames, args.steps_sample, args.guidance,

@@ -157,6 +157,45 @@ def test_autoguided_sampler_matches_a_hand_written_loop():
         sample(teacher.transformer, cond, uncond, noise, steps=4, autoguidance=2.0)
 
 
+def test_history_guided_sampler_matches_a_hand_written_loop():
+    """History guidance: with a clean context of K latent frames, each Euler step moves the sampled frames by
+    vc + (g - 1)(vc - vu) + (h - 1)(vc - v_alone), v_alone the conditional prediction of those frames called as a clip
+    of their own (no context, their own timesteps); the context stays as it was; h = 1 is the plain sampler, and h != 1
+    without a context is an error."""
+    preset = get_preset("tiny")
+    seed = random.randrange(1 << 30)
+    teacher = _randomise(Teacher.from_preset(preset, seed=seed % 97), 1).eval()
+    tr = teacher.transformer
+    g = torch.Generator().manual_seed(seed)
+    frames, k = 5, 2
+    noise = torch.randn(2, preset.model.in_channels, frames, *preset.latent_hw, generator=g)
+    prompts = ["a red circle moving left on a black background", "a blue square moving up on a gray background"]
+    cond, uncond = teacher.text.encode(prompts), teacher.text.encode([""] * 2)
+    cfg, hist, steps = 2.0, 2.5, 4
+    ours = sample(tr, cond, uncond, noise, steps=steps, guidance=cfg, shift=3.0, context=k, history_guidance=hist)
+    sig = sigma_schedule(steps, 3.0)
+    x = noise.clone()
+    n = (preset.latent_hw[0] // 2) * (preset.latent_hw[1] // 2)  # tokens a latent frame (2x2 patches)
+    with torch.no_grad():
+        for i in range(steps):
+            t = torch.full((2, frames), float(sig[i]) * 1000)
+            t[:, :k] = 0
+            tt = t.repeat_interleave(n, dim=1)
+            vc, vu = (tr(x, tt, encoder_hidden_states=e, return_dict=False)[0] for e in (cond, uncond))
+            xs = x[:, :, k:]
+            alone = tr(xs, tt[:, k * n:], encoder_hidden_states=cond, return_dict=False)[0]
+            v = (vc + (cfg - 1) * (vc - vu))[:, :, k:] + (hist - 1) * (vc[:, :, k:] - alone)
+            x[:, :, k:] = xs + (sig[i + 1] - sig[i]) * v
+    torch.testing.assert_close(ours, x, atol=1e-4, rtol=1e-4)
+    assert torch.equal(ours[:, :, :k], noise[:, :, :k])
+    plain = sample(tr, cond, uncond, noise, steps=steps, guidance=cfg, shift=3.0, context=k)
+    assert (ours - plain).abs().max() > 1e-3
+    torch.testing.assert_close(sample(tr, cond, uncond, noise, steps=steps, guidance=cfg, shift=3.0, context=k,
+                                      history_guidance=1.0), plain, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="history guidance"):
+        sample(tr, cond, uncond, noise, steps=steps, history_guidance=2.0)
+
+
 def test_eval_guide_flag_errors(tmp_path, capsys):
     """--guide needs --eval and a folder; a guide trained on other latents is refused in one line (exit 2)."""
     from distill import train_teacher
