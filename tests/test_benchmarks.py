@@ -183,3 +183,35 @@ def test_benchmark_clis_refuse_bad_numbers_in_one_line(module, args, needle):
     p = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and needle in p.stderr, p.stderr
     assert len(p.stderr.splitlines()) == 1 and "Traceback" not in p.stderr
+
+
+def test_gpu_session_script_runs_each_step_under_its_limit(tmp_path):
+    """benchmarks/gpu_session.sh (one prepared device call): env.txt, then the three steps in order with their
+    flags and the commit, each under `timeout`; a failing or cut-off step is logged with its status and the next one
+    still runs. A stand-in Python records each call (the steps' own dry runs are tested beside their modules)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\ncase "$*" in *"engine graphs"*) exit 3;; esac\n')
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_session.sh"
+    r = subprocess.run(["bash", str(script), str(out), "abc1234"], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHON": str(fake)})
+    assert r.returncode == 0, r.stderr
+    runs = [line for line in calls.read_text().splitlines() if line.startswith("-m ")]
+    assert [line.split()[1] for line in runs] == ["benchmarks.gpu", "benchmarks.gpu", "benchmarks.kernels_bench"]
+    assert "--systems engine graphs" in runs[0] and "--systems compile+vae compile+preview" in runs[1]
+    assert all("--git-sha abc1234" in line and f"--json {out}/" in line for line in runs)
+    assert "--sweep" in runs[2] and "--dry-run" not in " ".join(runs)
+    log = (out / "log.txt").read_text()
+    assert "== graphs: exit 3" in log and "== preview: exit 0" in log and "== kernels: exit 0" in log
+    assert "git abc1234" in (out / "env.txt").read_text()
+    with_dry = subprocess.run(["bash", str(script), str(tmp_path / "dry"), "x"], capture_output=True, text=True,
+                              timeout=60, env={**os.environ, "PYTHON": str(fake), "DRY": "1"})
+    assert with_dry.returncode == 0
+    dry_runs = [line for line in calls.read_text().splitlines() if line.startswith("-m ")][3:]
+    assert len(dry_runs) == 3 and all("--dry-run" in line for line in dry_runs)
