@@ -22,12 +22,14 @@
 #   INIT=assets/shapes-teacher GROW=12 bash distill/gpu_teacher.sh "$OUT" 7
 #   PRESET=shapes-t2-p2 bash distill/gpu_teacher.sh "$OUT" 7      # 2x2 patches on the shipped latents, from scratch
 # NAME names the run folder (runs/NAME) and the files in OUTDIR, so two runs can share a lease and a GPU: the 4x4-
-# against the 2x2-patch teacher, both from scratch on the same clips (README, "What the teacher gets wrong"):
+# against the 2x2-patch teacher, both from scratch on the same clips (docs/shapes-training.md, "What the teacher gets
+# wrong"):
 #   PRESET=shapes-t2 NAME=teacher-p4 bash distill/gpu_teacher.sh "$OUT" 5 &
 #   PRESET=shapes-t2-p2 NAME=teacher-p2 bash distill/gpu_teacher.sh "$OUT" 5; wait
 # Two runs of one PRESET share its clip file: start the second once the first has written it (the file appears
 # whole, by rename), e.g. `until [ -f runs/latents-gpu-shapes-t2-10000.safetensors ]; do sleep 5; done`.
-# P_CONTEXT sets the fraction of samples trained as continuations (0.3; README, "Training it to continue").
+# P_CONTEXT sets the fraction of samples trained as continuations (0.3; docs/shapes-training.md, "Training it to
+# continue").
 # CLIPS, BATCH, AMP, WORKERS, EVAL (prompts), HELDOUT (clips) and DEVICE (of the evaluations) shrink it for a dry
 # run on a CPU, e.g.
 #   CLIPS=8 BATCH=2 AMP=none WORKERS=0 EVAL=2 HELDOUT=2 DEVICE=cpu bash distill/gpu_teacher.sh /tmp/dry 0.1

@@ -228,7 +228,7 @@ PRESETS: dict[str, Preset] = {
 
 # Candidate successor of `shapes` (issue 3), differing in patches and width: 2x2 patches, so a token covers
 # 8x8 px and a frame has 64 tokens, at half the width (2.3 M parameters against 9.1 M). Its teacher reaches a lower
-# flow-matching loss per second of CPU than the 4x4-patch one (README, training the built-in model); it
+# flow-matching loss per second of CPU than the 4x4-patch one (docs/shapes-training.md); it
 # replaces `shapes` once its teacher and student score higher.
 PRESETS["shapes-p2"] = PRESETS["shapes"].replace(name="shapes-p2", model=dataclasses.replace(
     PRESETS["shapes"].model, patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=64, ffn_dim=512))
@@ -244,11 +244,11 @@ PRESETS["shapes-t2"] = PRESETS["shapes"].replace(name="shapes-t2", vae=dataclass
     PRESETS["shapes"].vae, temperal_downsample=(False, True), scale_factor_temporal=2))
 
 # `shapes-p2`'s transformer on the built-in model's latents (assets/shapes/vae): the layout a GPU run tests next. The
-# 4x4-patch teacher draws shape and direction at chance (README, "What the teacher gets wrong"): a token there covers
-# 16x16 px, so an object's whole motion across a chunk (1-8 px) lies inside one token, and only the output projection
-# of that token's vector can draw it; with 2x2 patches it crosses tokens, which attention moves between. A hypothesis:
-# a one-word test on this CPU drew direction at chance from noise with both, and continued a real first frame better
-# with 4x4 patches in the same time (README).
+# 4x4-patch teacher draws shape and direction at chance (docs/shapes-training.md, "What the teacher gets wrong"): a
+# token there covers 16x16 px, so an object's whole motion across a chunk (1-8 px) lies inside one token, and only the
+# output projection of that token's vector can draw it; with 2x2 patches it crosses tokens, which attention moves
+# between. A hypothesis: a one-word test on this CPU drew direction at chance from noise with both, and continued a
+# real first frame better with 4x4 patches in the same time (same file).
 PRESETS["shapes-t2-p2"] = PRESETS["shapes-t2"].replace(name="shapes-t2-p2", model=PRESETS["shapes-p2"].model)
 
 
