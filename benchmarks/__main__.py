@@ -19,8 +19,10 @@ Systems (same model, resolution, frame count, seed), each with the oracle's adhe
 Stages: text encode, each denoising forward (step_1 .. step_N) and the clean pass, VAE decode; then, on the
 engine's frames, JPEG and H.264 encode and websocket transport on loopback (benchmarks/stages.py).
 First-chunk latency is reported warm (after a warm-up pass, as a server would be) and cold (a fresh process).
-Scaling: per-chunk cost, FPS and memory at stream positions 10 s, 60 s, 300 s, 600 s (quick: 10 s, 30 s). The
-engine is streamed there for real; the recompute baseline is timed for a few chunks after its history has been
+Every system streams the same 10 s of video (--quick: 5 s, so that the run stays under 2 minutes even on a slow day of
+this VM; --video-seconds overrides it).
+Scaling: per-chunk cost, FPS and memory at stream positions 10 s, 60 s, 300 s, 600 s (quick: 10 s, 20 s). The
+engine is streamed there for real; the recompute baseline is timed for a few chunks (quick: one) after its history has been
 filled with clean latents of that length (its cost depends on the length, not on the values), and skipped
 where its attention would not fit in this machine's memory (the JSON says how much it would need).
 """
@@ -399,6 +401,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2, the reference machine)")
     p.add_argument("--seconds", type=float, nargs="*", help="scaling positions in seconds")
+    p.add_argument("--video-seconds", type=float, metavar="S",
+                   help="seconds of video every system streams side by side (default 10; --quick: 5)")
     p.add_argument("--teacher", default="assets/shapes-teacher",
                    help="teacher folder for the wan_pipeline baseline (ignored with --preset: a random teacher)")
     p.add_argument("--no-pipeline", action="store_true", help="skip the wan_pipeline baseline")
@@ -408,6 +412,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.threads < 1 or any(not s > 0 for s in a.seconds or []):
         p.error(f"--threads must be >= 1 and --seconds positive (got {a.threads} and {a.seconds})")
+    if a.video_seconds is not None and not a.video_seconds > 0:
+        p.error(f"--video-seconds must be positive (got {a.video_seconds})")
     torch.set_num_threads(a.threads)
     dtype = getattr(torch, a.dtype)
     model_arg = a.model
@@ -430,7 +436,8 @@ def main(argv=None) -> int:
     except ModelLoadError as e:
         p.error(str(e))
     pr = model.preset
-    secs = a.seconds or ([10, 30] if a.quick else [10, 60, 300, 600])
+    secs = a.seconds or ([10, 20] if a.quick else [10, 60, 300, 600])
+    video_s = a.video_seconds or (5.0 if a.quick else 10.0)
     n_params = sum(x.numel() for x in model.transformer.parameters())
     results = {
         "git_sha": git_sha(),
@@ -442,10 +449,11 @@ def main(argv=None) -> int:
                   "video_frames_per_chunk": pr.cache.frames_per_chunk * model.vae.temporal,
                   "steps": len(pr.sampler.timesteps), "window_frames": pr.cache.window_frames,
                   "sink": pr.cache.sink, "sink_frames": pr.cache.sink_frames},
+        "video_seconds": video_s,
         "systems": {},
         "scaling": [],
     }
-    frames = int(10 * pr.fps)  # the side-by-side run: 10 s of video for every system
+    frames = max(1, int(video_s * pr.fps))  # the side-by-side run: the same video length for every system
     print(f"benchmarking {pr.name} ({n_params / 1e6:.1f} M parameters, {pr.width}x{pr.height}) on "
           f"{results['device']['name']}, {a.threads} threads", file=sys.stderr)
     results["systems"]["engine"], _ = stream_system(model, frames, recompute=False, delivery=True)
@@ -480,7 +488,7 @@ def main(argv=None) -> int:
     _, at = stream_system(model, longest, recompute=False, marks=marks, score=False, first_runs=1)
     for s, m in zip(secs, marks):
         print(f"recompute baseline at {s:.0f} s ...", file=sys.stderr)
-        chunks = 2 if s <= 60 else 0
+        chunks = (1 if a.quick else 2) if s <= 60 else 0
         results["scaling"].append({"seconds": s, "engine": at[m], "recompute": recompute_at(model, m, chunks)})
     results["scaling_peak_rss_mb"] = peak_mb()
     print(table(results))

@@ -60,6 +60,9 @@ def test_benchmark_run_on_tiny_writes_every_system(tmp_path, capsys, monkeypatch
                "engine[steps=2]", "engine[compile]", "engine[compile+steps=2]",
                "engine[preview]", "engine[preview+steps=2]", "engine[compile+preview+steps=2]", "engine[native-vae]"}
     assert set(r["systems"]) == {"engine", "recompute", "wan_pipeline"} | configs
+    # --quick: 5 s of video for every system alike (the pipeline's frame count is the VAE's framing of it)
+    fps = get_preset("tiny").fps
+    assert r["video_seconds"] == 5 and {s["frames"] for n, s in r["systems"].items() if n != "wan_pipeline"} == {5 * fps}
     # the blocks compiled for those three, then eager; the VAE's decoder not on a CPU (accel.decoder_gains_from_compile)
     assert compiled == ["blocks"] * 3 and not accel.is_compiled()
     assert r["model"]["preview_parameters"] > 0
@@ -176,6 +179,7 @@ def test_delivery_stages_encode_and_carry_every_frame():
 @pytest.mark.parametrize("module,args,needle", [
     ("benchmarks", ["--threads", "0"], "--threads must be >= 1"),
     ("benchmarks", ["--seconds", "10", "nan"], "--seconds positive"),
+    ("benchmarks", ["--video-seconds", "0"], "--video-seconds must be positive"),
     ("benchmarks.server_bench", ["--threads", "-1"], "--threads >= 1"),
     ("benchmarks.server_bench", ["--seconds", "nan"], "--seconds > 0"),
 ])
