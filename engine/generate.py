@@ -163,5 +163,14 @@ def main(argv=None) -> int:
     return 0
 
 
+def _one_line_warnings():
+    """On the command line a warning for the user (an unknown prompt word, say) is one line, not Python's two (the
+    second is the source line that raised it)."""
+    import warnings
+
+    warnings.showwarning = lambda message, category, *_, **__: print(f"warning: {message}", file=sys.stderr)
+
+
 if __name__ == "__main__":
+    _one_line_warnings()
     sys.exit(main())

@@ -323,3 +323,16 @@ def test_bad_arguments_in_a_real_process(model, tmp_path):
         assert p.stderr.startswith("engine.generate: error: "), (case, p.stderr)
         assert p.stdout == "", (case, p.stdout)
         assert snapshot(tmp_path) == before, case
+
+
+def test_unknown_word_warns_in_one_line_in_a_real_process(model, tmp_path):
+    """A prompt word the model never saw: the video is still written, and stderr says so in one line that lists the
+    known vocabulary (no Python source line, no traceback)."""
+    p = subprocess.run([sys.executable, "-m", "engine.generate", "--prompt", "a red circel on a black background",
+                        "--model", str(model), "--frames", "5", "--out", "w.gif"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    warned = [line for line in p.stderr.splitlines() if "circel" in line]
+    assert len(warned) == 1 and warned[0].startswith("warning: ") and "known vocabulary" in warned[0]
+    assert "circle" in warned[0] and "Traceback" not in p.stderr and "encode(" not in p.stderr
+    assert (tmp_path / "w.gif").is_file()
