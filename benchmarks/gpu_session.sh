@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # The open GPU measurements, as one prepared call of under 10 minutes for a lent machine:
 #
-#   bash benchmarks/gpu_session.sh OUTDIR GIT_SHA         # on the device: bash benchmarks/gpu_session.sh "$OUT" abc1234
+#   bash benchmarks/gpu_session.sh OUTDIR GIT_SHA
+#
+# As one device call (carry [".whl"], timeout_s 590; SHA the commit sent):
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+#     && export PYTHONPATH=/tmp/site:$PWD && bash benchmarks/gpu_session.sh "$OUT" SHA
 #
 # A session is lent 15 device-minutes at most, a call 10, and a fresh machine takes a minute or two to start, so what
 # is still unmeasured goes into one call, the most telling first, each step under its own time limit (a step that
@@ -20,7 +24,7 @@
 set -uo pipefail
 OUTDIR=${1:?usage: bash benchmarks/gpu_session.sh OUTDIR GIT_SHA}
 SHA=${2:?usage: bash benchmarks/gpu_session.sh OUTDIR GIT_SHA}
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}  # the device image's python3 is the one with PyTorch
 mkdir -p "$OUTDIR"
 LOG="$OUTDIR/log.txt"
 : > "$LOG"
