@@ -61,6 +61,10 @@ class Backend(Protocol):
 
     def warmup(self) -> None: ...
 
+    # Optional: the prompt's words the model's text encoder does not know, and the words it does, or None where its
+    # vocabulary is open (umT5). Sessions tell the client with a `warning` message (README, "Server").
+    # def unknown_words(self, prompt: str) -> tuple[list[str], list[str]] | None: ...
+
 
 # ---- the stub -----------------------------------------------------------------------------------------------------
 
@@ -86,17 +90,23 @@ class StubBackend:
     """
 
     def __init__(self, *, width=32, height=32, fps=16, frames_per_chunk=8, first_chunk_frames=None,
-                 delay_s=0.0, per_session_s=0.0, fault_word="FAULT", name="stub"):
+                 delay_s=0.0, per_session_s=0.0, fault_word="FAULT", name="stub", vocabulary=None):
         self.info = ModelInfo(name, width, height, fps, frames_per_chunk)
         self.first = frames_per_chunk if first_chunk_frames is None else first_chunk_frames
         self.delay_s, self.per_session_s, self.fault_word = delay_s, per_session_s, fault_word
         self.steps: list[int] = []  # batch size of every step (tests look at it)
+        self.vocabulary = sorted(vocabulary) if vocabulary is not None else None  # None: any word is known
 
     def open(self, spec: SessionSpec) -> StubState:
         return StubState(spec, spec.prompt)
 
     def warmup(self) -> None:
         pass
+
+    def unknown_words(self, prompt: str):
+        if self.vocabulary is None:
+            return None
+        return [w for w in dict.fromkeys(prompt.lower().split()) if w not in self.vocabulary], self.vocabulary
 
     def step(self, work: list[Work]) -> list[ChunkOut | BaseException]:
         self.steps.append(len(work))

@@ -187,6 +187,16 @@ class EngineBackend:
                 if isinstance(r, BaseException):
                     raise r
 
+    def unknown_words(self, prompt: str) -> tuple[list[str], list[str]] | None:
+        """The prompt's words the model's text encoder maps to <unk>, and the words it knows (the built-in Shapes
+        encoder; None for an open vocabulary such as umT5's)."""
+        text = self.m.text
+        if not hasattr(text, "known_words"):
+            return None
+        known = text.known_words
+        vocab = set(known)
+        return [w for w in dict.fromkeys(text.split_words(prompt)) if w not in vocab], known
+
     # ---- one chunk for every session of `work` --------------------------------------------------------------------
 
     @torch.no_grad()

@@ -109,6 +109,7 @@ class Session:
             self.send_control(P.error(P.NOT_STARTED, f"'{kind}' before 'start'"))
             return
         if isinstance(msg, P.Prompt):
+            self._check_words(msg.prompt)
             self.app.scheduler.switch_prompt(self.job, msg.prompt)
         elif isinstance(msg, P.Pause):
             if not self.job.paused:
@@ -137,9 +138,21 @@ class Session:
         self.send_control({"type": "ready", "session": self.id, "width": i.width, "height": i.height, "fps": i.fps,
                            "frames_per_chunk": i.frames_per_chunk, "model": i.name, "seed": msg.seed,
                            "format": msg.format, "pace": msg.pace, "frames": msg.frames})
+        self._check_words(msg.prompt)
         self.app.scheduler.add(job)
         log.info("session %s start: %r seed %d, %s, %s pace, %s frames", self.id, msg.prompt[:200], msg.seed,
                  msg.format, msg.pace, msg.frames or "unbounded")
+
+    def _check_words(self, prompt: str):
+        """A `warning` (not an error: the prompt is used, each unknown word read as <unk>) when the model's text
+        encoder has a closed vocabulary and the prompt leaves it, with the words it knows, so a typo is seen."""
+        check = getattr(self.app.backend, "unknown_words", None)
+        found = check(prompt) if check is not None else None
+        if found and found[0]:
+            words, known = found
+            self.send_control({"type": "warning", "code": "unknown_words", "words": words, "known": known,
+                               "message": f"the model does not know {', '.join(map(repr, words))}: read as unknown "
+                                          f"(it knows: {', '.join(known)})"})
 
     # ---- from the worker (scheduled on the event loop) ----------------------------------------------------------
 

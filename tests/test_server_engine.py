@@ -284,3 +284,20 @@ def test_shapes_model_end_to_end():
     got = np.stack([np.frombuffer(f.data, np.uint8).reshape(64, 64, 3) for f in c.frames])
     chunks = -(-(21 + t - 1) // fpc)  # enough chunks for 21 frames
     assert np.array_equal(got, solo(shapes, [(0, PROMPT)], chunks, 3)[:21])
+
+
+def test_engine_backend_reads_the_text_encoders_vocabulary(model):
+    """The built-in encoder's words decide the `warning`: its split (case, a trailing full stop) and its vocabulary;
+    a typed special token is unknown, as the encoder maps it to <unk>; an encoder without a closed vocabulary
+    (umT5) gives None."""
+    b = EngineBackend(model)
+    words, known = b.unknown_words("A Red circel moving <pad> on a black background.")
+    assert words == ["circel", "<pad>"] and known == model.text.known_words and "circle" in known
+    assert b.unknown_words("a red circle bouncing on a black background") == ([], known)
+
+    class Open:  # umT5's interface: encode, no vocabulary
+        def encode(self, prompts):
+            raise AssertionError("not called")
+
+    b.m = type("M", (), {"text": Open()})()
+    assert b.unknown_words("anything") is None

@@ -241,6 +241,35 @@ def test_prompt_switch_applies_at_a_chunk_boundary(srv):
     assert sorted(by_index) == list(range(min(by_index), max(by_index) + 1))
 
 
+def test_unknown_words_get_a_warning_and_the_prompt_is_still_used():
+    """A backend with a closed vocabulary (the Shapes text encoder): a `start` or `prompt` with words it does not know
+    gets a `warning` (code unknown_words) naming them and the known words; generation goes on under that prompt; a
+    prompt of known words gets none. A backend without one (umT5) never warns (the `srv` stub)."""
+    vocab = set(PROMPT.lower().split()) | set(OTHER.lower().split())
+    with ServerThread(stub(delay_s=0.005, vocabulary=vocab)) as s, Client(s.ws_url) as c:
+        c.start(prompt=PROMPT.replace("red", "rde"), pace="max", format="rgb")
+        ready = c.until_type("ready")
+        warn = c.until_type("warning")
+        assert warn["code"] == "unknown_words" and warn["words"] == ["rde"]
+        assert warn["known"] == sorted(vocab) and "'rde'" in warn["message"]
+        c.until(lambda m: isinstance(m, Frame))
+        c.send({"type": "prompt", "prompt": OTHER + " zzz zzz"})
+        assert c.until_type("warning")["words"] == ["zzz"]
+        assert c.until_type("prompt_applied")["prompt"] == OTHER + " zzz zzz"
+        c.send({"type": "prompt", "prompt": OTHER})
+        c.until(lambda m: isinstance(m, dict) and m.get("type") == "prompt_applied" and m["prompt"] == OTHER)
+        c.send({"type": "stop"})
+        c.drain()
+    assert ready["type"] == "ready" and len(c.of_type("warning")) == 2 and not c.of_type("error")
+
+
+def test_an_open_vocabulary_never_warns(srv):
+    with Client(srv.ws_url) as c:
+        c.start(prompt="anything at all, qwzx", pace="max", frames=2 * FPC)
+        c.drain()
+    assert not c.of_type("warning") and c.of_type("done")
+
+
 def test_pause_stops_frames_and_resume_continues_the_stream(srv):
     with Client(srv.ws_url) as c:
         c.start(pace="max", format="png")

@@ -185,6 +185,9 @@ function onText(m) {
       $("hud-dropped").textContent = m.dropped;
       $("lat-summary").textContent = `p50 ${Math.round(m.latency_ms.p50)} ms · p95 ${Math.round(m.latency_ms.p95)} ms`;
       break;
+    case "warning":
+      log(`${m.code}: ${m.message}`, "warn");
+      break;
     case "error":
       log(`${m.code}: ${m.message}`, "bad");
       if (m.code === "internal" || m.code === "busy" || m.code === "too_large") banner(m.message, true);
