@@ -78,6 +78,16 @@ def test_demo_page_streams_switches_pauses_reconnects_and_stops(chromium, model,
                    what="prompt_applied")
             b.wait(f"document.getElementById('caption').textContent === {OTHER!r}", what="the caption")
 
+            # a word the model does not know: a warning in the page's log, and the stream goes on under the prompt
+            typo = OTHER.replace("square", "sqaure")
+            b.evaluate(f"document.getElementById('prompt').value = {typo!r}; "
+                       "document.getElementById('switch').click()")
+            b.wait("window.__demo.events.some(e => e.type === 'warning' && e.words.includes('sqaure'))",
+                   what="the unknown-word warning")
+            b.wait("document.getElementById('log').textContent.includes('unknown_words')", what="the warning in the log")
+            b.wait(f"window.__demo.events.some(e => e.type === 'prompt_applied' && e.prompt === {typo!r})",
+                   what="the prompt applied all the same")
+
             # pause: the picture stops; resume: it goes on
             b.evaluate("document.getElementById('pause').click()")
             assert b.evaluate("document.getElementById('status').textContent") == "Paused"
