@@ -22,8 +22,8 @@ First-chunk latency is reported warm (after a warm-up pass, as a server would be
 Every system streams the same 10 s of video (--quick: 5 s, so that the run stays under 2 minutes even on a slow day of
 this VM; --video-seconds overrides it).
 Scaling: per-chunk cost, FPS and memory at stream positions 10 s, 60 s, 300 s, 600 s (quick: 10 s, 20 s). The
-engine is streamed there for real; the recompute baseline is timed for a few chunks (quick: one) after its history has been
-filled with clean latents of that length (its cost depends on the length, not on the values), and skipped
+engine is streamed there for real; the recompute baseline is timed for a few chunks (quick: one) after its history
+has been filled with clean latents of that length (its cost depends on the length, not on the values), and skipped
 where its attention would not fit in this machine's memory (the JSON says how much it would need).
 """
 

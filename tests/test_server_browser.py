@@ -84,7 +84,8 @@ def test_demo_page_streams_switches_pauses_reconnects_and_stops(chromium, model,
                        "document.getElementById('switch').click()")
             b.wait("window.__demo.events.some(e => e.type === 'warning' && e.words.includes('sqaure'))",
                    what="the unknown-word warning")
-            b.wait("document.getElementById('log').textContent.includes('unknown_words')", what="the warning in the log")
+            b.wait("document.getElementById('log').textContent.includes('unknown_words')",
+                   what="the warning in the log")
             b.wait(f"window.__demo.events.some(e => e.type === 'prompt_applied' && e.prompt === {typo!r})",
                    what="the prompt applied all the same")
 
