@@ -185,6 +185,10 @@ class ShapesTextEncoder(nn.Module):
     def known_words(self) -> list[str]:
         return sorted(w for w in self.cfg.vocab if w not in SPECIAL_TOKENS)
 
+    def unknown_words(self, prompt: str) -> list[str]:
+        """The prompt's words this encoder reads as <unk> (each once, in order): what `_tokenize` warns about."""
+        return [w for w in dict.fromkeys(self.split_words(prompt)) if w in SPECIAL_TOKENS or w not in self.word_to_id]
+
     # -- tokenizer -------------------------------------------------------------
 
     @staticmethod

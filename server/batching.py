@@ -191,11 +191,9 @@ class EngineBackend:
         """The prompt's words the model's text encoder maps to <unk>, and the words it knows (the built-in Shapes
         encoder; None for an open vocabulary such as umT5's)."""
         text = self.m.text
-        if not hasattr(text, "known_words"):
+        if not hasattr(text, "unknown_words"):
             return None
-        known = text.known_words
-        vocab = set(known)
-        return [w for w in dict.fromkeys(text.split_words(prompt)) if w not in vocab], known
+        return text.unknown_words(prompt), text.known_words
 
     # ---- one chunk for every session of `work` --------------------------------------------------------------------
 
