@@ -187,7 +187,10 @@ class ShapesTextEncoder(nn.Module):
 
     def unknown_words(self, prompt: str) -> list[str]:
         """The prompt's words this encoder reads as <unk> (each once, in order): what `_tokenize` warns about."""
-        return [w for w in dict.fromkeys(self.split_words(prompt)) if w in SPECIAL_TOKENS or w not in self.word_to_id]
+        return [w for w in dict.fromkeys(self.split_words(prompt)) if self._word_id(w) is None]
+
+    def _word_id(self, w: str) -> int | None:
+        return self.word_to_id.get(w) if w not in SPECIAL_TOKENS else None  # "<pad>" typed by a user is unknown
 
     # -- tokenizer -------------------------------------------------------------
 
@@ -215,7 +218,7 @@ class ShapesTextEncoder(nn.Module):
                 )
                 words = words[: self.max_len]
             for t, w in enumerate(words):
-                i = self.word_to_id.get(w) if w not in SPECIAL_TOKENS else None  # "<pad>" typed by a user is unknown
+                i = self._word_id(w)
                 if i is None:
                     i = self.unk_id
                     if w not in self._warned:
