@@ -258,13 +258,14 @@ def heldout_loss(teacher: Teacher, vae: VideoVAE, preset, n: int, frames: int, s
     """The flow-matching loss on n fresh rendered clips (not the training seed; the clips of --eval's renoise) at
     fixed sigmas, with every latent frame noisy and with the first one clean (context), each with its own prompt and
     one fixed noise draw: a measure of fit far less noisy than the oracle on samples, comparable across runs. Also
-    `continuation` (continuation_error): how well it predicts the moving clips' frames after a chunk of 3."""
+    `continuation` (continuation_error): how well it predicts the moving clips' frames after a chunk of 3. Single
+    frames (`frames` 1: images, the first latent frame alone) have no context rows: nothing would be left to score."""
     prompts, video = ShapesClips(preset.width, preset.height, frames, seed=seed).videos(range(n))
     z0 = torch.cat([vae.encode(video[i:i + batch]) for i in range(0, n, batch)])
     eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed))
     device = param_device(teacher)
     out = {}
-    for ctx in (0, 1):
+    for ctx in (0, 1) if z0.shape[2] > 1 else (0,):
         for sig in sigmas:
             sf = torch.full((n, z0.shape[2]), float(sig))
             sf[:, :ctx] = 0.0
@@ -335,7 +336,7 @@ def prompt_probe(teacher: Teacher, data: LatentSet, n: int = 24, sigmas=(0.9, 0.
     g = torch.Generator().manual_seed(seed)
     eps = torch.randn(x0.shape, generator=g)
     out = {}
-    for ctx in (0, 1):
+    for ctx in (0, 1) if z0.shape[2] > 1 else (0,):
         for sig in sigmas:
             sf = torch.full((len(ids), x0.shape[2]), sig)
             sf[:, :ctx] = 0.0

@@ -1,5 +1,6 @@
 """Distillation pieces against the engine: the student's one-pass training forward equals streaming."""
 
+import math
 import random
 
 import pytest
@@ -842,6 +843,10 @@ def test_heldout_loss_is_the_flow_matching_loss_on_fresh_clips_whatever_the_batc
                                            *teacher.text._tokenize(prompts[i:i + 1]))) for i in range(5)) / 5
     assert abs(b["loss"]["context 1, sigma 0.4"] - want) < 2e-5
     assert a["loss"]["sigma 0.4"] != a["loss"]["context 1, sigma 0.4"]
+    # single frames (images: the first latent frame alone) have no context rows, and no nan from an empty score
+    one = heldout_loss(teacher, vae, preset, n=3, frames=1, sigmas=(0.9, 0.4), seed=78, batch=2)
+    assert one["loss"].keys() == {"sigma 0.9", "sigma 0.4"} and "continuation" not in one
+    assert all(math.isfinite(v) and v > 0 for v in one["loss"].values())
 
 
 def test_continuation_error_scores_one_step_prediction_of_the_moving_clips_against_copying():
