@@ -336,7 +336,7 @@ def prompt_probe(teacher: Teacher, data: LatentSet, n: int = 24, sigmas=(0.9, 0.
     g = torch.Generator().manual_seed(seed)
     eps = torch.randn(x0.shape, generator=g)
     out = {}
-    for ctx in (0, 1) if z0.shape[2] > 1 else (0,):
+    for ctx in (0, 1):
         for sig in sigmas:
             sf = torch.full((len(ids), x0.shape[2]), sig)
             sf[:, :ctx] = 0.0
