@@ -30,6 +30,8 @@
 # whole, by rename), e.g. `until [ -f runs/latents-gpu-shapes-t2-10000.safetensors ]; do sleep 5; done`.
 # P_CONTEXT sets the fraction of samples trained as continuations (0.3; docs/shapes-training.md, "Training it to
 # continue").
+# IMAGES=N adds N images to each step (joint image-video training, train_teacher --image-batch: the clips' first
+# latent frames, alone; docs/shapes-training.md, "Joint image-video training"), e.g. IMAGES=128.
 # CLIPS, BATCH, AMP, WORKERS, EVAL (prompts), HELDOUT (clips) and DEVICE (of the evaluations) shrink it for a dry
 # run on a CPU, e.g.
 #   CLIPS=8 BATCH=2 AMP=none WORKERS=0 EVAL=2 HELDOUT=2 DEVICE=cpu bash distill/gpu_teacher.sh /tmp/dry 0.1
@@ -46,6 +48,7 @@ DEVICE=${DEVICE:-cuda}
 VAE=${VAE:-assets/shapes/vae}
 LENGTHS=${LENGTHS:-5 9 17}
 P_CONTEXT=${P_CONTEXT:-0.3}  # fraction of samples trained as continuations (train_teacher --p-context)
+IMAGES=${IMAGES:-0}  # images a step beside the clips (train_teacher --image-batch)
 INIT=${INIT:+--init $INIT}
 if [[ -n "${GROW:-}" && -z "$INIT" ]]; then echo "GROW=$GROW needs INIT (the teacher to grow)" >&2; exit 2; fi
 GROW=${GROW:+--grow-layers $GROW}
@@ -56,7 +59,7 @@ mkdir -p "$OUTDIR"
 python -m distill.train_teacher --preset "$PRESET" --vae "$VAE" --latents "runs/latents-gpu-$PRESET-$CLIPS.safetensors" \
     --clips "$CLIPS" --render-workers "$WORKERS" --out "$RUN" --text fixed --batch-size "$BATCH" --lr 3e-4 \
     --warmup 500 --steps 1000000 --max-minutes "$MINUTES" --amp "$AMP" --shift 5 --latent-lengths $LENGTHS \
-    --p-context "$P_CONTEXT" --ckpt-every 5000 --log-every 100 --quiet $INIT $GROW
+    --p-context "$P_CONTEXT" --image-batch "$IMAGES" --ckpt-every 5000 --log-every 100 --quiet $INIT $GROW
 RES="$OUTDIR/$NAME-results.txt"
 tail -n 3 "$RUN/log.jsonl" > "$RES"
 EXPORT=runs/export-$NAME

@@ -15,10 +15,12 @@ Data: `--clips` rendered clips encoded once by the VAE into `--latents` (made on
 prompt is dropped to the empty prompt with probability `--p-uncond` (classifier-free guidance); sigma is
 drawn uniformly and shifted by `--shift` (more weight on high noise, where layout and motion are decided).
 `--latent-lengths` trains some batches on clip prefixes (the causal VAE makes them exact latents of shorter
-clips): most of what a clip teaches is in its first frames, at a fraction of the tokens. `--p-context` keeps
-the first latent frames of some samples clean (per-frame timesteps, scored on the noisy rest): the streaming
-student's setting, where the motion words decide what comes next. `--grow-layers` / `--grow-ffn` start a deeper or
-wider teacher from `--init` that computes what the init did (distill.teacher.grow_transformer).
+clips): most of what a clip teaches is in its first frames, at a fraction of the tokens. `--image-batch N` adds
+N images to every micro-batch (first latent frames of `--images`, e.g. a cache made with `--frames 1`): joint
+image-video training. `--p-context` keeps the first latent frames of some samples clean (per-frame timesteps,
+scored on the noisy rest): the streaming student's setting, where the motion words decide what comes next.
+`--grow-layers` / `--grow-ffn` start a deeper or wider teacher from `--init` that computes what the init did
+(distill.teacher.grow_transformer).
 """
 
 from __future__ import annotations
@@ -51,22 +53,40 @@ class TeacherTask:
     latent frames of its clips, n taken from `lengths` in turn (a pure function of the ids: resume stays exact).
     The VAE encoder is causal, so a prefix of a clip's latents is exactly the latent of the clip's first
     1 + t (n - 1) frames (t the VAE's temporal compression): shorter clips for free, at a cost that falls with
-    the token count."""
+    the token count.
+
+    With `image_batch` N > 0, each micro-batch also trains on N images: the first latent frames of `images` (a
+    latent cache; by the same causality the first latent frame is the latent of the first video frame alone),
+    taken in order by micro-batch, with their own noise and prompt dropout; the loss is the clips' loss plus
+    `image_weight` times the images' (joint image-video training, as Wan trains). An image costs about a ninth
+    of a 9-latent-frame clip, and spatial detail (shape) is learnt per image, not per clip."""
 
     def __init__(self, data: LatentSet, tokenizer: ShapesTextEncoder, p_uncond: float, shift: float, device,
-                 lengths: tuple[int, ...] = (), p_context: float = 0.0):
+                 lengths: tuple[int, ...] = (), p_context: float = 0.0, images: LatentSet | None = None,
+                 image_batch: int = 0, image_weight: float = 1.0):
         self.data, self.tok, self.p_uncond, self.shift, self.device = data, tokenizer, p_uncond, shift, device
         self.lengths, self.p_context = lengths, p_context
+        self.images, self.image_batch, self.image_weight = images or data, image_batch, image_weight
 
     def batch(self, ids):
         prompts, x0 = self.data.get(ids)
+        k = int(ids[0]) // len(ids)  # the micro-batch's index: ids come in runs of the batch size
         if self.lengths:
-            n = self.lengths[int(ids[0]) // len(ids) % len(self.lengths)]  # micro-batches cycle through them
+            n = self.lengths[k % len(self.lengths)]  # micro-batches cycle through them
             x0 = x0[:, :, :n]
-        return prompts, x0
+        if not self.image_batch:
+            return prompts, x0
+        ip, ix = self.images.get(range(k * self.image_batch, (k + 1) * self.image_batch))
+        return prompts, x0, ip, ix[:, :, :1]
 
     def loss(self, model, batch, gen):
-        prompts, x0 = batch
+        loss = self._loss(model, *batch[:2], gen)
+        if len(batch) == 2:
+            return loss, {}
+        image = self._loss(model, *batch[2:], gen)
+        return loss + self.image_weight * image, {"clip_loss": loss.item(), "image_loss": image.item()}
+
+    def _loss(self, model, prompts, x0, gen):
         B = x0.shape[0]
         drop = torch.rand(B, generator=gen) < self.p_uncond
         ids, lengths = self.tok._tokenize(["" if d else p for p, d in zip(prompts, drop.tolist())])
@@ -77,14 +97,14 @@ class TeacherTask:
             s = sigma.view(B, 1, 1, 1, 1)
             xt = ((1 - s) * x0 + s * eps).to(self.device)
             v = model(xt, (sigma * 1000).to(self.device), ids.to(self.device), lengths.to(self.device))
-            return F.mse_loss(v, (eps - x0).to(self.device)), {}
+            return F.mse_loss(v, (eps - x0).to(self.device))
         # Clean context: a sample with probability p_context keeps its first n frames clean (sigma 0, n drawn
         # from 1..F-1) and is scored on the rest. Knowing where the objects were, the later frames depend on
         # the direction and speed words, a signal that whole-clip noise hardly gives (at high sigma the mean
         # over start positions is the same for every direction). It is also the student's streaming setting.
         n_ctx = torch.randint(1, nf, (B,), generator=gen) * (torch.rand(B, generator=gen) < self.p_context)
         sf = sigma[:, None] * (torch.arange(nf)[None, :] >= n_ctx[:, None])  # [B, F] per-frame sigma
-        return noisy_frames_loss(model, x0, eps, sf, ids, lengths, self.device), {}
+        return noisy_frames_loss(model, x0, eps, sf, ids, lengths, self.device)
 
 
 def noisy_frames_loss(model, x0, eps, sf, ids, lengths, device="cpu") -> torch.Tensor:
@@ -362,6 +382,13 @@ def _main(argv=None) -> int:
     p.add_argument("--latent-lengths", type=int, nargs="*", default=[], metavar="N",
                    help="train each batch on the first N latent frames of its clips, N taken from these in turn "
                         "(e.g. 5 5 9: two batches in three at 5 frames; default: whole clips)")
+    p.add_argument("--image-batch", type=int, default=0, metavar="N",
+                   help="also train each micro-batch on N images: the first latent frames of --images (joint "
+                        "image-video training; default 0: clips only)")
+    p.add_argument("--images", metavar="PATH",
+                   help="latent cache the --image-batch images come from, e.g. one made with --frames 1 (default: "
+                        "--latents, whose clips' first latent frames are images too)")
+    p.add_argument("--image-weight", type=float, default=1.0, help="weight of the images' loss (default 1)")
     p.add_argument("--p-uncond", type=float, default=0.1)
     p.add_argument("--shift", type=float, default=3.0)
     p.add_argument("--p-context", type=float, default=0.0,
@@ -425,6 +452,11 @@ def _main(argv=None) -> int:
     if not (args.shift > 0 and 0.0 <= args.p_uncond <= 1.0 and args.render_workers >= 0):
         p.error(f"--shift must be positive, --p-uncond in [0, 1] and --render-workers >= 0 (got {args.shift}, "
                 f"{args.p_uncond} and {args.render_workers})")
+    if args.image_batch < 0 or args.image_weight < 0 or (args.images and not args.image_batch):
+        p.error(f"--image-batch {args.image_batch} / --image-weight {args.image_weight}: both must be >= 0, and "
+                "--images needs --image-batch N > 0")
+    if args.images and not Path(args.images).is_file():
+        p.error(f"--images {args.images}: no such latent cache (train_teacher --frames 1 --latents PATH makes one)")
     if args.guide:
         if not args.eval or not Path(args.guide).is_dir():
             p.error(f"--guide {args.guide}: needs --eval N, and a teacher folder")
@@ -481,6 +513,11 @@ def _main(argv=None) -> int:
         p.error(f"--p-context {args.p_context}: must lie in [0, 1]")
     if any(not 1 <= n <= data.latents.shape[2] for n in args.latent_lengths):
         p.error(f"--latent-lengths must lie in 1..{data.latents.shape[2]} (the cached clips' latent frames)")
+    images = LatentSet(args.images) if args.images else None
+    if images is not None and (images.latents.shape[1], *images.latents.shape[3:]) != \
+            (data.latents.shape[1], *data.latents.shape[3:]):
+        p.error(f"--images {args.images}: latents {tuple(images.latents.shape[1:])} do not match --latents' "
+                f"{tuple(data.latents.shape[1:])} (channels and size must agree)")
     model = run_model(out)  # a resumed run's widths (a grown teacher's), else the preset's or the init's
     init = load_teacher(Path(args.init), args.preset) if args.init else None
     if init is not None:  # the init's widths, or what --grow-* asks
@@ -503,7 +540,7 @@ def _main(argv=None) -> int:
         (out / "teacher.json").write_text(json.dumps({"preset": args.preset, **({"model": model} if model else {})})
                                           + "\n")
     task = TeacherTask(data, teacher.text, args.p_uncond, args.shift, device, tuple(args.latent_lengths),
-                       args.p_context)
+                       args.p_context, images, args.image_batch, args.image_weight)
     Trainer(teacher, task, config_from_args(args), out, device=device, resume=not args.no_resume,
             quiet=args.quiet).run()
     teardown_distributed()

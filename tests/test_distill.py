@@ -1,5 +1,6 @@
 """Distillation pieces against the engine: the student's one-pass training forward equals streaming."""
 
+import json
 import math
 import random
 
@@ -258,6 +259,14 @@ def test_training_pipeline_end_to_end_on_tiny(tmp_path):
     args = common + ["--vae", str(tmp_path / "vae_out"), "--latents", str(lat), "--clips", "4", "--frames", "9"]
     assert train_teacher.main(args + ["--out", str(tmp_path / "teacher"), "--steps", "2"]) == 0
     assert lat.exists()
+    # joint image-video training from an image cache (--frames 1: one latent frame a clip) made on first use
+    images = tmp_path / "images.safetensors"
+    assert train_teacher.main(common + ["--vae", str(tmp_path / "vae_out"), "--latents", str(images), "--clips", "6",
+                                        "--frames", "1", "--out", str(tmp_path / "timg"), "--steps", "1"]) == 0
+    assert train_teacher.main(args + ["--out", str(tmp_path / "tjoint"), "--steps", "2", "--image-batch", "3",
+                                      "--images", str(images)]) == 0
+    log = [json.loads(line) for line in (tmp_path / "tjoint/log.jsonl").read_text().splitlines()]
+    assert any("image_loss" in r and "clip_loss" in r for r in log)
     # an exported teacher (fp16 transformer + text encoder) loads as the run's EMA weights, rounded to fp16
     assert train_teacher.main(common + ["--out", str(tmp_path / "teacher"), "--export", str(tmp_path / "t_out")]) == 0
     a, b = (train_teacher.load_teacher(tmp_path / d, "tiny") for d in ("teacher", "t_out"))
@@ -365,6 +374,11 @@ def test_training_clis_bad_input_one_line_exit_2(tmp_path, capsys):
         (train_teacher.main, ["--preset", "shapes-t2", "--frames", "4", "--out", str(tmp_path / "t")], "1 + 2k"),
         (train_teacher.main, ["--eval", "0", "--out", str(tmp_path / "t")], "--eval must be >= 1"),
         (train_teacher.main, ["--shift", "0", "--out", str(tmp_path / "t")], "--shift must be positive"),
+        (train_teacher.main, ["--image-batch", "-1", "--out", str(tmp_path / "t")], "both must be >= 0"),
+        (train_teacher.main, ["--images", str(tmp_path / "i.safetensors"), "--out", str(tmp_path / "t")],
+         "needs --image-batch N > 0"),
+        (train_teacher.main, ["--images", str(tmp_path / "i.safetensors"), "--image-batch", "2", "--out",
+                              str(tmp_path / "t")], "no such latent cache"),
         *([(train_teacher.main, ["--eval", "2", "--device", "cuda", "--out", str(tmp_path / "t")],
             "no CUDA device")] if not torch.cuda.is_available() else []),
         (ode_init.main, ["--eval", "-1"], "--eval must be >= 1"),
@@ -666,6 +680,55 @@ def test_teacher_clean_context_frames_are_clean_and_unscored(seed):
     plain = TeacherTask(Data(), tok, 0.0, 3.0, "cpu")  # without the flag: one scalar timestep per sample
     plain.loss(model, plain.batch(range(6)), torch.Generator().manual_seed(seed))
     assert seen["t"].shape == (6,)
+
+
+@pytest.mark.parametrize("seed", [4, 9])
+def test_teacher_joint_image_training_adds_first_frames_of_the_image_cache(seed):
+    """--image-batch N: each micro-batch also trains on N images (first latent frames of the image cache), the
+    same ones for the same ids and new ones for the next micro-batch; the loss is the clips' loss (unchanged: it
+    draws its noise first) plus image_weight times the images' flow-matching loss on their own noise."""
+    from distill.train_teacher import TeacherTask
+    from engine.text import ShapesTextConfig, ShapesTextEncoder
+
+    g = torch.Generator().manual_seed(seed)
+    clips, images = torch.randn(8, 4, 5, 4, 6, generator=g), torch.randn(20, 4, 3, 4, 6, generator=g)
+
+    class Data:
+        def __init__(self, x, word):
+            self.x, self.word = x, word
+
+        def get(self, ids):
+            ids = [int(i) % len(self.x) for i in ids]
+            return [f"a {self.word} circle moving left on a black background"] * len(ids), self.x[ids]
+
+    calls = []
+
+    def model(xt, tt, ids, lengths):  # predicts v = 0: each loss is then the mean of (eps - x0)^2
+        calls.append((xt, tt))
+        return torch.zeros_like(xt)
+
+    tok = ShapesTextEncoder(ShapesTextConfig(dim=8))
+    plain = TeacherTask(Data(clips, "red"), tok, 0.0, 3.0, "cpu", lengths=(2, 5))
+    joint = {w: TeacherTask(Data(clips, "red"), tok, 0.0, 3.0, "cpu", lengths=(2, 5), images=Data(images, "blue"),
+                            image_batch=3, image_weight=w) for w in (1.0, 2.5)}
+    b0, b1 = joint[1.0].batch(range(0, 4)), joint[1.0].batch(range(4, 8))
+    assert len(b0) == 4 and b0[3].shape == (3, 4, 1, 4, 6) and b0[1].shape[2] == 2 and b1[1].shape[2] == 5
+    assert torch.equal(b0[3], images[0:3, :, :1]) and torch.equal(b1[3], images[3:6, :, :1])
+    assert "blue" in b0[2][0] and torch.equal(joint[1.0].batch(range(4, 8))[3], b1[3])  # a pure function of ids
+
+    lp, _ = plain.loss(model, plain.batch(range(4, 8)), torch.Generator().manual_seed(seed))
+    losses = {}
+    for w, task in joint.items():
+        calls.clear()
+        losses[w] = task.loss(model, b1, torch.Generator().manual_seed(seed))
+    (xi, ti), = calls[1:]  # the images' call of the last loss
+    s = (ti / 1000).view(3, 1, 1, 1, 1)
+    eps = (xi - (1 - s) * b1[3]) / s
+    want_image = (eps - b1[3]).square().mean()
+    for w, (loss, metrics) in losses.items():
+        torch.testing.assert_close(torch.tensor(metrics["clip_loss"]), lp, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(torch.tensor(metrics["image_loss"]), want_image, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(loss, lp + w * want_image, atol=1e-4, rtol=1e-4)
 
 
 def test_prompt_probe_tells_a_used_word_from_an_ignored_one():
