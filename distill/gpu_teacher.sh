@@ -31,7 +31,7 @@
 # P_CONTEXT sets the fraction of samples trained as continuations (0.3; docs/shapes-training.md, "Training it to
 # continue").
 # IMAGES=N adds N images to each step (joint image-video training, train_teacher --image-batch: the clips' first
-# latent frames, alone; docs/shapes-training.md, "Joint image-video training"), e.g. IMAGES=128.
+# latent frames, alone; docs/shapes-training.md, "Fresh images, and joint image-video training"), e.g. IMAGES=128.
 # CLIPS, BATCH, AMP, WORKERS, EVAL (prompts), HELDOUT (clips) and DEVICE (of the evaluations) shrink it for a dry
 # run on a CPU, e.g.
 #   CLIPS=8 BATCH=2 AMP=none WORKERS=0 EVAL=2 HELDOUT=2 DEVICE=cpu bash distill/gpu_teacher.sh /tmp/dry 0.1

@@ -66,7 +66,8 @@ class TeacherTask:
                  image_batch: int = 0, image_weight: float = 1.0):
         self.data, self.tok, self.p_uncond, self.shift, self.device = data, tokenizer, p_uncond, shift, device
         self.lengths, self.p_context = lengths, p_context
-        self.images, self.image_batch, self.image_weight = images or data, image_batch, image_weight
+        self.images = images if images is not None else data
+        self.image_batch, self.image_weight = image_batch, image_weight
 
     def batch(self, ids):
         prompts, x0 = self.data.get(ids)
@@ -452,7 +453,7 @@ def _main(argv=None) -> int:
     if not (args.shift > 0 and 0.0 <= args.p_uncond <= 1.0 and args.render_workers >= 0):
         p.error(f"--shift must be positive, --p-uncond in [0, 1] and --render-workers >= 0 (got {args.shift}, "
                 f"{args.p_uncond} and {args.render_workers})")
-    if args.image_batch < 0 or args.image_weight < 0 or (args.images and not args.image_batch):
+    if args.image_batch < 0 or not args.image_weight >= 0 or (args.images and not args.image_batch):
         p.error(f"--image-batch {args.image_batch} / --image-weight {args.image_weight}: both must be >= 0, and "
                 "--images needs --image-batch N > 0")
     if args.images and not Path(args.images).is_file():
