@@ -525,6 +525,12 @@ class Trainer:
             if cfg.max_minutes is not None and self._out_of_time(t_start):
                 if (self.rank == 0 or self.fsdp) and self.step % cfg.ckpt_every != 0 and self.step != cfg.steps:
                     self.save()
+                if self.rank == 0:  # the log has no row for steps since the last one: say where it stopped
+                    n = self._acc.get("n", 0)
+                    since = f", mean loss {self._acc['loss'] / n:.4g} over its last {n:g} step{'s' * (n != 1)}" \
+                        if n else ""
+                    print(f"{self.out.name}: stopped at step {self.step} of {cfg.steps} after --max-minutes "
+                          f"{cfg.max_minutes:g}{since}; the same command resumes", file=sys.stderr)
                 break
         bar.close()
         if self.world > 1:  # the final checkpoint is on disk before any rank goes on to read it

@@ -233,7 +233,7 @@ def test_evaluate_splits_still_and_moving_clips():
     assert sum(v["clips"] * v["adherence"] for v in parts.values()) / n == pytest.approx(res["adherence"])
 
 
-def test_training_pipeline_end_to_end_on_tiny(tmp_path):
+def test_training_pipeline_end_to_end_on_tiny(tmp_path, capsys):
     """VAE -> latents -> teacher -> ODE pairs -> student -> a model folder the engine generates from."""
     import numpy as np
 
@@ -267,6 +267,20 @@ def test_training_pipeline_end_to_end_on_tiny(tmp_path):
                                       "--images", str(images)]) == 0
     log = [json.loads(line) for line in (tmp_path / "tjoint/log.jsonl").read_text().splitlines()]
     assert any("image_loss" in r and "clip_loss" in r for r in log)
+    # an image cache of other latents (here half the channels) is refused before any training
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(images), "pt") as f:
+        meta, z = f.metadata(), f.get_tensor("latents")
+    save_file({"latents": z[:, :2].contiguous()}, str(tmp_path / "half.safetensors"), metadata=meta)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train_teacher.main(args + ["--out", str(tmp_path / "tbad"), "--steps", "2", "--image-batch", "3",
+                                   "--images", str(tmp_path / "half.safetensors")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "do not match" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "tbad").exists()
     # an exported teacher (fp16 transformer + text encoder) loads as the run's EMA weights, rounded to fp16
     assert train_teacher.main(common + ["--out", str(tmp_path / "teacher"), "--export", str(tmp_path / "t_out")]) == 0
     a, b = (train_teacher.load_teacher(tmp_path / d, "tiny") for d in ("teacher", "t_out"))

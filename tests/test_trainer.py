@@ -175,13 +175,18 @@ def test_ema_of_a_submodule_keeps_the_model_key_names(tmp_path, one_thread):
     assert torch.equal(old.ema.state_dict()["weight"], old.model[0].weight.detach())
 
 
-def test_max_minutes_stops_with_a_checkpoint_and_resume_goes_on_exactly(tmp_path, one_thread):
+def test_max_minutes_stops_with_a_checkpoint_and_resume_goes_on_exactly(tmp_path, one_thread, capsys):
     args = ["--steps", "7", "--ckpt-every", "5", "--log-every", "3", "--ema", "0.9", "--quiet"]
     toy.main([*args, "--out", str(tmp_path / "full")])
     # --max-minutes 0: every invocation stops after one step, saving a checkpoint off the --ckpt-every grid
     for k in range(1, 4):
+        capsys.readouterr()
         t = toy.main([*args, "--out", str(tmp_path / "cut"), "--max-minutes", "0"])
         assert t.step == k and (tmp_path / "cut/checkpoints/latest").read_text().strip() == f"step_{k:06d}"
+        # the log has no row yet for steps 1, 2 (--log-every 3): the stop says where it is, even with --quiet
+        err = capsys.readouterr().err
+        assert f"stopped at step {k} of 7" in err and "the same command resumes" in err
+        assert ("mean loss" in err) == (k < 3) and (f"over its last {k} step" in err) == (k < 3), err
     toy.main([*args, "--out", str(tmp_path / "cut")])
     full, cut = _log(tmp_path / "full"), _log(tmp_path / "cut")
     assert [r["step"] for r in cut] == [3, 6, 7]  # the log's partial sums travelled in the checkpoints
