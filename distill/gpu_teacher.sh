@@ -32,8 +32,7 @@
 # continue").
 # LR is the peak learning rate after a 500-step warm-up: 1e-3, which learnt shape far faster per step than the 3e-4
 # of every earlier teacher run in a three-prompt image world (0.95 after 1,700 steps against 0.62 after 2,000;
-# docs/shapes-training.md, "Shape is learnt, slowly");
-# LR=3e-4 gives the earlier recipe.
+# docs/shapes-training.md, "Shape is learnt, slowly"). LR=3e-4 gives the earlier recipe.
 # IMAGES=N adds N images to each step (joint image-video training, train_teacher --image-batch: the clips' first
 # latent frames, alone; docs/shapes-training.md, "Fresh images, and joint image-video training"), e.g. IMAGES=128.
 # CLIPS, BATCH, AMP, WORKERS, EVAL (prompts), HELDOUT (clips) and DEVICE (of the evaluations) shrink it for a dry
