@@ -32,7 +32,12 @@
 # continue").
 # LR is the peak learning rate after a 500-step warm-up: 1e-3, which learnt shape far faster per step than the 3e-4
 # of every earlier teacher run in a three-prompt image world (0.95 after 1,700 steps against 0.62 after 2,000;
-# docs/shapes-training.md, "Shape is learnt, slowly"). LR=3e-4 gives the earlier recipe.
+# docs/shapes-training.md, "Shape is learnt, slowly"). LR=3e-4 gives the earlier recipe. 3e-3 did better still on
+# images at 64 a step (docs/shapes-training.md, "3e-3 on images"), but continuing the trained teacher at 16 clips a
+# step it only added noise, so 1e-3 stays the default; with a lease for two runs, put the rates side by side:
+#   LR=1e-3 NAME=teacher-lr1e3 bash distill/gpu_teacher.sh "$OUT" 5 &
+#   until [ -f runs/latents-gpu-shapes-t2-10000.safetensors ]; do sleep 5; done    # the clips they share (below)
+#   LR=3e-3 NAME=teacher-lr3e3 bash distill/gpu_teacher.sh "$OUT" 5; wait
 # IMAGES=N adds N images to each step (joint image-video training, train_teacher --image-batch: the clips' first
 # latent frames, alone; docs/shapes-training.md, "Fresh images, and joint image-video training"), e.g. IMAGES=128.
 # CLIPS, BATCH, AMP, WORKERS, EVAL (prompts), HELDOUT (clips) and DEVICE (of the evaluations) shrink it for a dry
