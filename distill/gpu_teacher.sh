@@ -36,7 +36,7 @@
 # images at 64 a step (docs/shapes-training.md, "3e-3 on images"), but continuing the trained teacher at 16 clips a
 # step it only added noise, so 1e-3 stays the default; with a lease for two runs, put the rates side by side:
 #   LR=1e-3 NAME=teacher-lr1e3 bash distill/gpu_teacher.sh "$OUT" 5 &
-#   until [ -f runs/latents-gpu-shapes-t2-10000.safetensors ]; do sleep 5; done    # the clips they share (below)
+#   until [ -f runs/latents-gpu-shapes-t2-10000.safetensors ]; do sleep 5; done    # the clips they share (above)
 #   LR=3e-3 NAME=teacher-lr3e3 bash distill/gpu_teacher.sh "$OUT" 5; wait
 # IMAGES=N adds N images to each step (joint image-video training, train_teacher --image-batch: the clips' first
 # latent frames, alone; docs/shapes-training.md, "Fresh images, and joint image-video training"), e.g. IMAGES=128.
