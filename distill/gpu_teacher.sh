@@ -40,9 +40,16 @@
 #   LR=3e-3 NAME=teacher-lr3e3 bash distill/gpu_teacher.sh "$OUT" 5; wait
 # IMAGES=N adds N images to each step (joint image-video training, train_teacher --image-batch: the clips' first
 # latent frames, alone; docs/shapes-training.md, "Fresh images, and joint image-video training"), e.g. IMAGES=128.
+# IMAGE_MINUTES=M first trains the same layout from scratch on single frames for M minutes (IMAGE_CLIPS fresh
+# images, 100,000; IMAGE_BATCH a step, 256; IMAGE_LR, 3e-3) and starts the video run from it, with its images
+# beside the clips when IMAGES is set: the two stages that first drew shape in clips on the CPU (docs/shapes-
+# training.md, "The 3e-3 image model as a video teacher's start"). The image model's held-out loss and single-frame
+# adherence are added to the results. E.g.
+#   PRESET=shapes-t2-p2 IMAGE_MINUTES=4 IMAGES=64 LR=3e-3 NAME=teacher-2stage bash distill/gpu_teacher.sh "$OUT" 4
 # CLIPS, BATCH, AMP, WORKERS, EVAL (prompts), HELDOUT (clips) and DEVICE (of the evaluations) shrink it for a dry
 # run on a CPU, e.g.
 #   CLIPS=8 BATCH=2 AMP=none WORKERS=0 EVAL=2 HELDOUT=2 DEVICE=cpu bash distill/gpu_teacher.sh /tmp/dry 0.1
+#   (add IMAGE_MINUTES=0.1 IMAGE_CLIPS=16 IMAGE_BATCH=4 IMAGES=2 for the two stages)
 set -euo pipefail
 PRESET=${PRESET:-shapes-t2}
 NAME=${NAME:-teacher-gpu}
@@ -59,18 +66,40 @@ P_CONTEXT=${P_CONTEXT:-0.3}  # fraction of samples trained as continuations (tra
 IMAGES=${IMAGES:-0}  # images a step beside the clips (train_teacher --image-batch)
 LR=${LR:-1e-3}  # peak learning rate (train_teacher --lr)
 INIT=${INIT:+--init $INIT}
+IMAGE_MINUTES=${IMAGE_MINUTES:-0}  # an image stage first (0: none)
+IMAGE_CLIPS=${IMAGE_CLIPS:-100000}
+IMAGE_BATCH=${IMAGE_BATCH:-256}
+IMAGE_LR=${IMAGE_LR:-3e-3}
 if [[ -n "${GROW:-}" && -z "$INIT" ]]; then echo "GROW=$GROW needs INIT (the teacher to grow)" >&2; exit 2; fi
 GROW=${GROW:+--grow-layers $GROW}
 OUTDIR=${1:?usage: bash distill/gpu_teacher.sh OUTDIR [MINUTES]}
 MINUTES=${2:-7}
 RUN=runs/$NAME
 mkdir -p "$OUTDIR"
+RES="$OUTDIR/$NAME-results.txt"
+: > "$RES"
+IMAGE_SRC=()
+if [[ "$IMAGE_MINUTES" != 0 ]]; then
+    if [[ -n "$INIT" ]]; then echo "IMAGE_MINUTES and INIT both pick the start: set one" >&2; exit 2; fi
+    IMG_RUN=runs/$NAME-images
+    IMG_LATENTS=runs/images-gpu-$PRESET-$IMAGE_CLIPS.safetensors
+    python -m distill.train_teacher --preset "$PRESET" --vae "$VAE" --latents "$IMG_LATENTS" --clips "$IMAGE_CLIPS" \
+        --frames 1 --render-workers "$WORKERS" --out "$IMG_RUN" --text fixed --batch-size "$IMAGE_BATCH" \
+        --lr "$IMAGE_LR" --warmup 100 --steps 1000000 --max-minutes "$IMAGE_MINUTES" --amp "$AMP" --shift 5 \
+        --ema 0.995 --ckpt-every 5000 --log-every 100 --quiet
+    { echo "image stage ($IMG_RUN):"; tail -n 2 "$IMG_RUN/log.jsonl"; } >> "$RES"
+    python -m distill.train_teacher --preset "$PRESET" --vae "$VAE" --out "$IMG_RUN" --device "$DEVICE" \
+        --heldout "$HELDOUT" --frames 1 | tee -a "$RES"
+    python -m distill.train_teacher --preset "$PRESET" --vae "$VAE" --out "$IMG_RUN" --device "$DEVICE" \
+        --eval "$EVAL" --frames 1 | tee -a "$RES"
+    INIT="--init $IMG_RUN"
+    IMAGE_SRC=(--images "$IMG_LATENTS")
+fi
 python -m distill.train_teacher --preset "$PRESET" --vae "$VAE" --latents "runs/latents-gpu-$PRESET-$CLIPS.safetensors" \
     --clips "$CLIPS" --render-workers "$WORKERS" --out "$RUN" --text fixed --batch-size "$BATCH" --lr "$LR" \
     --warmup 500 --steps 1000000 --max-minutes "$MINUTES" --amp "$AMP" --shift 5 --latent-lengths $LENGTHS \
-    --p-context "$P_CONTEXT" --image-batch "$IMAGES" --ckpt-every 5000 --log-every 100 --quiet $INIT $GROW
-RES="$OUTDIR/$NAME-results.txt"
-tail -n 3 "$RUN/log.jsonl" > "$RES"
+    --p-context "$P_CONTEXT" --image-batch "$IMAGES" "${IMAGE_SRC[@]}" --ckpt-every 5000 --log-every 100 --quiet $INIT $GROW
+tail -n 3 "$RUN/log.jsonl" >> "$RES"
 EXPORT=runs/export-$NAME
 rm -rf "$EXPORT" && mkdir -p "$EXPORT"
 python -m distill.train_teacher --preset "$PRESET" --vae "$VAE" --out "$RUN" --export "$EXPORT/$NAME" \
