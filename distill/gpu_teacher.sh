@@ -98,7 +98,8 @@ fi
 python -m distill.train_teacher --preset "$PRESET" --vae "$VAE" --latents "runs/latents-gpu-$PRESET-$CLIPS.safetensors" \
     --clips "$CLIPS" --render-workers "$WORKERS" --out "$RUN" --text fixed --batch-size "$BATCH" --lr "$LR" \
     --warmup 500 --steps 1000000 --max-minutes "$MINUTES" --amp "$AMP" --shift 5 --latent-lengths $LENGTHS \
-    --p-context "$P_CONTEXT" --image-batch "$IMAGES" "${IMAGE_SRC[@]}" --ckpt-every 5000 --log-every 100 --quiet $INIT $GROW
+    --p-context "$P_CONTEXT" --image-batch "$IMAGES" "${IMAGE_SRC[@]}" --ckpt-every 5000 --log-every 100 --quiet \
+    $INIT $GROW
 tail -n 3 "$RUN/log.jsonl" >> "$RES"
 EXPORT=runs/export-$NAME
 rm -rf "$EXPORT" && mkdir -p "$EXPORT"
