@@ -71,6 +71,9 @@ IMAGE_CLIPS=${IMAGE_CLIPS:-100000}
 IMAGE_BATCH=${IMAGE_BATCH:-256}
 IMAGE_LR=${IMAGE_LR:-3e-3}
 if [[ -n "${GROW:-}" && -z "$INIT" ]]; then echo "GROW=$GROW needs INIT (the teacher to grow)" >&2; exit 2; fi
+if [[ "$IMAGE_MINUTES" != 0 && -n "$INIT" ]]; then
+    echo "IMAGE_MINUTES and INIT both pick the start: set one" >&2; exit 2
+fi
 GROW=${GROW:+--grow-layers $GROW}
 OUTDIR=${1:?usage: bash distill/gpu_teacher.sh OUTDIR [MINUTES]}
 MINUTES=${2:-7}
@@ -80,7 +83,6 @@ RES="$OUTDIR/$NAME-results.txt"
 : > "$RES"
 IMAGE_SRC=()
 if [[ "$IMAGE_MINUTES" != 0 ]]; then
-    if [[ -n "$INIT" ]]; then echo "IMAGE_MINUTES and INIT both pick the start: set one" >&2; exit 2; fi
     IMG_RUN=runs/$NAME-images
     IMG_LATENTS=runs/images-gpu-$PRESET-$IMAGE_CLIPS.safetensors
     python -m distill.train_teacher --preset "$PRESET" --vae "$VAE" --latents "$IMG_LATENTS" --clips "$IMAGE_CLIPS" \
