@@ -63,9 +63,11 @@ class TeacherTask:
 
     def __init__(self, data: LatentSet, tokenizer: ShapesTextEncoder, p_uncond: float, shift: float, device,
                  lengths: tuple[int, ...] = (), p_context: float = 0.0, images: LatentSet | None = None,
-                 image_batch: int = 0, image_weight: float = 1.0):
+                 image_batch: int = 0, image_weight: float = 1.0, motion_weight: float = 0.0,
+                 p_independent: float = 0.0):
         self.data, self.tok, self.p_uncond, self.shift, self.device = data, tokenizer, p_uncond, shift, device
-        self.lengths, self.p_context = lengths, p_context
+        self.lengths, self.p_context, self.motion_weight = lengths, p_context, motion_weight
+        self.p_independent = p_independent
         self.images = images if images is not None else data
         self.image_batch, self.image_weight = image_batch, image_weight
 
@@ -94,7 +96,10 @@ class TeacherTask:
         sigma = shift_sigma(torch.rand(B, generator=gen), self.shift)
         eps = torch.randn(x0.shape, generator=gen)
         nf = x0.shape[2]
-        if not self.p_context or nf < 2:
+        if nf > 1 and self.motion_weight and not (self.p_context or self.p_independent):  # + the motion term
+            return noisy_frames_loss(model, x0, eps, sigma[:, None].expand(B, nf), ids, lengths, self.device,
+                                     self.motion_weight)
+        if not (self.p_context or self.p_independent) or nf < 2:
             s = sigma.view(B, 1, 1, 1, 1)
             xt = ((1 - s) * x0 + s * eps).to(self.device)
             v = model(xt, (sigma * 1000).to(self.device), ids.to(self.device), lengths.to(self.device))
@@ -105,18 +110,34 @@ class TeacherTask:
         # over start positions is the same for every direction). It is also the student's streaming setting.
         n_ctx = torch.randint(1, nf, (B,), generator=gen) * (torch.rand(B, generator=gen) < self.p_context)
         sf = sigma[:, None] * (torch.arange(nf)[None, :] >= n_ctx[:, None])  # [B, F] per-frame sigma
-        return noisy_frames_loss(model, x0, eps, sf, ids, lengths, self.device)
+        if self.p_independent:  # Diffusion Forcing: each noisy frame of these samples at a sigma of its own
+            own = torch.rand(B, generator=gen) < self.p_independent
+            each = shift_sigma(torch.rand(B, nf, generator=gen), self.shift)
+            sf = torch.where(own[:, None] & (sf > 0), each, sf)
+        return noisy_frames_loss(model, x0, eps, sf, ids, lengths, self.device, self.motion_weight)
 
 
-def noisy_frames_loss(model, x0, eps, sf, ids, lengths, device="cpu") -> torch.Tensor:
-    """Flow-matching MSE at per-frame sigmas sf [B, F]: frames at sigma 0 go in clean and are not scored."""
+def noisy_frames_loss(model, x0, eps, sf, ids, lengths, device="cpu", motion_weight: float = 0.0) -> torch.Tensor:
+    """Flow-matching MSE at per-frame sigmas sf [B, F]: frames at sigma 0 go in clean and are not scored.
+
+    motion_weight m adds m times the mean square of the error's change from one scored latent frame to the next
+    (`--motion-weight`): an error that is the same in every frame (a whole clip off by the same amount) costs
+    nothing there, one that changes from frame to frame (an object drawn still where it moves) costs more.
+    Both terms are least at the same prediction (the data's mean velocity), so the target is
+    unchanged; only the weighting of errors shifts towards the frame-to-frame change, the motion."""
     x0, eps, sf = x0.to(device), eps.to(device), sf.to(device)  # the batch may come from the CPU
     s = sf.view(*sf.shape[:1], 1, sf.shape[1], 1, 1)
     xt = (1 - s) * x0 + s * eps
     v = model(xt, sf * 1000, ids.to(device), lengths.to(device))
     w = (s > 0).to(v.dtype)
-    err = (v - (eps - x0)).square() * w
-    return err.sum() / (w.sum() * x0.shape[1] * x0.shape[3] * x0.shape[4])
+    e = v - (eps - x0)
+    per_frame = x0.shape[1] * x0.shape[3] * x0.shape[4]
+    loss = (e.square() * w).sum() / (w.sum() * per_frame)
+    if motion_weight and x0.shape[2] > 1:
+        wd = w[:, :, 1:] * w[:, :, :-1]  # pairs of neighbouring scored frames
+        d = (e[:, :, 1:] - e[:, :, :-1]).square() * wd
+        loss = loss + motion_weight * d.sum() / (wd.sum().clamp_min(1) * per_frame)
+    return loss
 
 
 def build(preset_name: str, seed: int = 0, text: str = "learned", model: dict | None = None) -> Teacher:
@@ -199,16 +220,17 @@ def _guide_kw(guide: Teacher | None, prompts: list[str], autoguidance: float) ->
 
 def evaluate(teacher: Teacher, vae: VideoVAE, preset, n: int, frames: int, steps: int, guidance: float,
              shift: float, seed: int = 1234, guide: Teacher | None = None, autoguidance: float = 1.0) -> dict:
-    """Oracle adherence of the teacher on n random prompts (fresh seed), also split by still and moving clips."""
-    from benchmarks.oracle import score_video
+    """Oracle adherence of the teacher on n random prompts (fresh seed), also split by still and moving clips, and
+    the motion summary (motion_ratio: the median measured / asked speed of the moving objects)."""
+    from benchmarks.oracle import motion_summary, score_video
 
     rng = random.Random(seed)
     prompts = [sample_prompt(rng) for _ in range(n)]
     videos = generate(teacher, vae, prompts, (frames - 1) // vae.temporal + 1, preset.latent_hw, seed, steps,
                       guidance, shift, guide=guide, autoguidance=autoguidance)
     reports = [score_video(v, p) for v, p in zip(videos, prompts)]
-    return {**_summary(reports, prompts), "prompts": n, "frames": frames, "steps": steps, "guidance": guidance,
-            "shift": shift,
+    return {**_summary(reports, prompts), **motion_summary(reports, prompts), "prompts": n, "frames": frames,
+            "steps": steps, "guidance": guidance, "shift": shift,
             **({"autoguidance": autoguidance} if guide is not None and autoguidance != 1.0 else {})}
 
 
@@ -390,11 +412,17 @@ def _main(argv=None) -> int:
                    help="latent cache the --image-batch images come from, e.g. one made with --frames 1 (default: "
                         "--latents, whose clips' first latent frames are images too)")
     p.add_argument("--image-weight", type=float, default=1.0, help="weight of the images' loss (default 1)")
+    p.add_argument("--motion-weight", type=float, default=0.0, metavar="M",
+                   help="add M times the mean square of the clips' error change between neighbouring latent frames "
+                        "(weights motion errors up; the optimum is unchanged; default 0: off)")
     p.add_argument("--p-uncond", type=float, default=0.1)
     p.add_argument("--shift", type=float, default=3.0)
     p.add_argument("--p-context", type=float, default=0.0,
                    help="fraction of samples whose first 1..F-1 latent frames stay clean (context); the loss "
                         "counts the noisy rest (teaches the motion words)")
+    p.add_argument("--p-independent", type=float, default=0.0,
+                   help="fraction of samples whose noisy latent frames each get a sigma of their own (Diffusion "
+                        "Forcing: a clearer frame beside a noisier one, tied by the motion)")
     p.add_argument("--init", metavar="DIR",
                    help="start from these weights (an exported teacher or a run folder's EMA) instead of random; "
                         "with a different --text, only the transformer's")
@@ -456,6 +484,10 @@ def _main(argv=None) -> int:
     if args.image_batch < 0 or not args.image_weight >= 0 or (args.images and not args.image_batch):
         p.error(f"--image-batch {args.image_batch} / --image-weight {args.image_weight}: both must be >= 0, and "
                 "--images needs --image-batch N > 0")
+    if not args.motion_weight >= 0:
+        p.error(f"--motion-weight {args.motion_weight}: must be >= 0")
+    if not 0.0 <= args.p_context <= 1.0 or not 0.0 <= args.p_independent <= 1.0:
+        p.error(f"--p-context {args.p_context} / --p-independent {args.p_independent}: must lie in [0, 1]")
     if args.images and not Path(args.images).is_file():
         p.error(f"--images {args.images}: no such latent cache (train_teacher --frames 1 --latents PATH makes one)")
     if args.guide:
@@ -510,8 +542,6 @@ def _main(argv=None) -> int:
         if world > 1:
             torch.distributed.barrier()
     data = LatentSet(lat)
-    if not 0.0 <= args.p_context <= 1.0:
-        p.error(f"--p-context {args.p_context}: must lie in [0, 1]")
     if any(not 1 <= n <= data.latents.shape[2] for n in args.latent_lengths):
         p.error(f"--latent-lengths must lie in 1..{data.latents.shape[2]} (the cached clips' latent frames)")
     images = LatentSet(args.images) if args.images else None
@@ -541,7 +571,8 @@ def _main(argv=None) -> int:
         (out / "teacher.json").write_text(json.dumps({"preset": args.preset, **({"model": model} if model else {})})
                                           + "\n")
     task = TeacherTask(data, teacher.text, args.p_uncond, args.shift, device, tuple(args.latent_lengths),
-                       args.p_context, images, args.image_batch, args.image_weight)
+                       args.p_context, images, args.image_batch, args.image_weight, args.motion_weight,
+                       args.p_independent)
     Trainer(teacher, task, config_from_args(args), out, device=device, resume=not args.no_resume,
             quiet=args.quiet).run()
     teardown_distributed()

@@ -231,6 +231,7 @@ def test_evaluate_splits_still_and_moving_clips():
     parts = res["by_motion"]
     assert sum(v["clips"] for v in parts.values()) == n and parts.get("still", {"clips": 0})["clips"] == still
     assert sum(v["clips"] * v["adherence"] for v in parts.values()) / n == pytest.approx(res["adherence"])
+    assert {"motion_ratio", "frozen_rate", "copy_rate"} <= res.keys()  # the motion summary of the same clips
 
 
 def test_training_pipeline_end_to_end_on_tiny(tmp_path, capsys):
@@ -391,6 +392,10 @@ def test_training_clis_bad_input_one_line_exit_2(tmp_path, capsys):
         (train_teacher.main, ["--image-batch", "-1", "--out", str(tmp_path / "t")], "both must be >= 0"),
         (train_teacher.main, ["--images", str(tmp_path / "i.safetensors"), "--out", str(tmp_path / "t")],
          "needs --image-batch N > 0"),
+        (train_teacher.main, ["--motion-weight", "-0.5", "--out", str(tmp_path / "t")],
+         "--motion-weight -0.5: must be"),
+        (train_teacher.main, ["--p-independent", "2", "--out", str(tmp_path / "t")], "--p-independent 2.0: must lie"),
+        (train_teacher.main, ["--p-context", "-1", "--out", str(tmp_path / "t")], "--p-context -1.0 / "),
         (train_teacher.main, ["--images", str(tmp_path / "i.safetensors"), "--image-batch", "2", "--out",
                               str(tmp_path / "t")], "no such latent cache"),
         *([(train_teacher.main, ["--eval", "2", "--device", "cuda", "--out", str(tmp_path / "t")],
@@ -743,6 +748,99 @@ def test_teacher_joint_image_training_adds_first_frames_of_the_image_cache(seed)
         torch.testing.assert_close(torch.tensor(metrics["clip_loss"]), lp, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(torch.tensor(metrics["image_loss"]), want_image, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(loss, lp + w * want_image, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("seed,p_context", [(5, 1.0), (6, 0.0)])
+def test_teacher_motion_weight_adds_the_error_change_between_scored_frames(seed, p_context):
+    """--motion-weight m: the clip loss is the flow-matching MSE over scored (noisy) frames plus m times the mean
+    square of the error's change between neighbouring scored frames, written out here by loops; a clip's error that
+    is the same in every frame adds nothing. Without a context every frame shares the clip's sigma."""
+    from distill.train_teacher import TeacherTask, noisy_frames_loss
+    from engine.text import ShapesTextConfig, ShapesTextEncoder
+
+    g = torch.Generator().manual_seed(seed)
+    x0, pred = torch.randn(5, 3, 6, 3, 5, generator=g), torch.randn(5, 3, 6, 3, 5, generator=g)  # odd sizes
+
+    class Data:
+        def get(self, ids):
+            return ["a red circle moving left on a black background"] * len(ids), x0[: len(ids)]
+
+    seen = {}
+
+    def model(xt, tt, ids, lengths):  # a fixed random prediction, so the error varies across frames
+        seen.update(xt=xt, t=tt)
+        return pred[: xt.shape[0]].clone()
+
+    tok = ShapesTextEncoder(ShapesTextConfig(dim=8))
+    m = 0.7
+    task = TeacherTask(Data(), tok, 0.0, 3.0, "cpu", p_context=p_context, motion_weight=m)
+    loss, _ = task.loss(model, task.batch(range(5)), torch.Generator().manual_seed(seed))
+    tt = seen["t"]
+    assert tt.shape == (5, 6)
+    if not p_context:
+        assert (tt == tt[:, :1]).all() and (tt > 0).all()
+    s = (tt / 1000).view(5, 1, 6, 1, 1)
+    eps = (seen["xt"] - (1 - s) * x0) / s.clamp_min(1e-12)
+    err = pred - (eps - x0)
+    base, n, diff, pairs = 0.0, 0, 0.0, 0
+    for b in range(5):
+        scored = [f for f in range(6) if tt[b, f] > 0]
+        for f in scored:
+            base, n = base + err[b, :, f].square().mean(), n + 1
+            if f + 1 in scored:
+                diff, pairs = diff + (err[b, :, f + 1] - err[b, :, f]).square().mean(), pairs + 1
+    assert pairs > 0
+    torch.testing.assert_close(loss, base / n + m * diff / pairs, atol=1e-4, rtol=1e-4)
+
+    sf = torch.full((5, 6), 0.5)
+    x1 = torch.zeros(5, 3, 6, 3, 5)
+    steady = torch.randn(5, 3, 1, 3, 5, generator=g).expand(5, 3, 6, 3, 5)  # the same error in every frame
+
+    def model_steady(xt, tt, ids, lengths):
+        return (eps1 - x1) + steady
+
+    eps1 = torch.randn(5, 3, 6, 3, 5, generator=g)
+    ids, lengths = tok._tokenize(["a red circle moving left on a black background"] * 5)
+    plain = noisy_frames_loss(model_steady, x1, eps1, sf, ids, lengths)
+    torch.testing.assert_close(noisy_frames_loss(model_steady, x1, eps1, sf, ids, lengths, motion_weight=m), plain,
+                               atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(plain, steady.square().mean(), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("seed,p_context", [(7, 0.0), (8, 1.0)])
+def test_teacher_independent_frame_sigmas_after_the_context(seed, p_context):
+    """--p-independent 1: every noisy latent frame of a sample gets a sigma of its own (Diffusion Forcing), frames
+    of the clean context stay clean, and the loss still averages the squared error over the noisy frames alone."""
+    from distill.train_teacher import TeacherTask
+    from engine.text import ShapesTextConfig, ShapesTextEncoder
+
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(6, 3, 7, 3, 5, generator=g)
+
+    class Data:
+        def get(self, ids):
+            return ["a red circle moving left on a black background"] * len(ids), x0[: len(ids)]
+
+    seen = {}
+
+    def model(xt, tt, ids, lengths):  # predicts v = 0: the loss is then the mean of (eps - x0)^2 it scores
+        seen.update(xt=xt, t=tt)
+        return torch.zeros_like(xt)
+
+    tok = ShapesTextEncoder(ShapesTextConfig(dim=8))
+    task = TeacherTask(Data(), tok, 0.0, 3.0, "cpu", p_context=p_context, p_independent=1.0)
+    loss, _ = task.loss(model, task.batch(range(6)), torch.Generator().manual_seed(seed))
+    tt = seen["t"]
+    assert tt.shape == (6, 7)
+    clean = tt == 0
+    n_ctx = clean.sum(1)
+    assert (clean == (torch.arange(7) < n_ctx[:, None])).all() and bool((n_ctx > 0).all()) == bool(p_context)
+    for b in range(6):  # the noisy frames' sigmas differ from each other
+        assert len(set(tt[b, n_ctx[b]:].tolist())) == 7 - n_ctx[b]
+    s = (tt / 1000).view(6, 1, 7, 1, 1)
+    cm = clean[:, None, :, None, None].expand_as(x0)
+    eps = (seen["xt"] - (1 - s) * x0) / s.clamp_min(1e-12)
+    torch.testing.assert_close(loss, (eps - x0)[~cm].square().mean(), atol=1e-4, rtol=1e-4)
 
 
 def test_prompt_probe_tells_a_used_word_from_an_ignored_one():
