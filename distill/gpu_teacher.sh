@@ -46,6 +46,9 @@
 # training.md, "The 3e-3 image model as a video teacher's start"). The image model's held-out loss and single-frame
 # adherence are added to the results. E.g.
 #   PRESET=shapes-t2-p2 IMAGE_MINUTES=4 IMAGES=64 LR=3e-3 NAME=teacher-2stage bash distill/gpu_teacher.sh "$OUT" 4
+# MOTION_WEIGHT=M and P_INDEPENDENT=P pass train_teacher's --motion-weight and --p-independent (0: off), the two
+# losses aimed at motion that fit 3-5% better on the CPU but left direction at chance there (docs/shapes-training.md,
+# "Two losses aimed at motion"): e.g. P_INDEPENDENT=0.5 NAME=teacher-ind beside a run without it.
 # CLIPS, BATCH, AMP, WORKERS, EVAL (prompts), HELDOUT (clips) and DEVICE (of the evaluations) shrink it for a dry
 # run on a CPU, e.g.
 #   CLIPS=8 BATCH=2 AMP=none WORKERS=0 EVAL=2 HELDOUT=2 DEVICE=cpu bash distill/gpu_teacher.sh /tmp/dry 0.1
@@ -65,6 +68,8 @@ LENGTHS=${LENGTHS:-5 9 17}
 P_CONTEXT=${P_CONTEXT:-0.3}  # fraction of samples trained as continuations (train_teacher --p-context)
 IMAGES=${IMAGES:-0}  # images a step beside the clips (train_teacher --image-batch)
 LR=${LR:-1e-3}  # peak learning rate (train_teacher --lr)
+MOTION_WEIGHT=${MOTION_WEIGHT:-0}  # train_teacher --motion-weight
+P_INDEPENDENT=${P_INDEPENDENT:-0}  # train_teacher --p-independent
 INIT=${INIT:+--init $INIT}
 IMAGE_MINUTES=${IMAGE_MINUTES:-0}  # an image stage first (0: none)
 IMAGE_CLIPS=${IMAGE_CLIPS:-100000}
@@ -101,7 +106,7 @@ python -m distill.train_teacher --preset "$PRESET" --vae "$VAE" --latents "runs/
     --clips "$CLIPS" --render-workers "$WORKERS" --out "$RUN" --text fixed --batch-size "$BATCH" --lr "$LR" \
     --warmup 500 --steps 1000000 --max-minutes "$MINUTES" --amp "$AMP" --shift 5 --latent-lengths $LENGTHS \
     --p-context "$P_CONTEXT" --image-batch "$IMAGES" "${IMAGE_SRC[@]}" --ckpt-every 5000 --log-every 100 --quiet \
-    $INIT $GROW
+    --motion-weight "$MOTION_WEIGHT" --p-independent "$P_INDEPENDENT" $INIT $GROW
 tail -n 3 "$RUN/log.jsonl" >> "$RES"
 EXPORT=runs/export-$NAME
 rm -rf "$EXPORT" && mkdir -p "$EXPORT"

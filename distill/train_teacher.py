@@ -19,6 +19,8 @@ clips): most of what a clip teaches is in its first frames, at a fraction of the
 N images to every micro-batch (first latent frames of `--images`, e.g. a cache made with `--frames 1`): joint
 image-video training. `--p-context` keeps the first latent frames of some samples clean (per-frame timesteps,
 scored on the noisy rest): the streaming student's setting, where the motion words decide what comes next.
+`--p-independent` gives the noisy frames of some samples a sigma each (Diffusion Forcing); `--motion-weight` weights
+up the error's change between neighbouring frames (docs/shapes-training.md, "Two losses aimed at motion").
 `--grow-layers` / `--grow-ffn` start a deeper or wider teacher from `--init` that computes what the init did
 (distill.teacher.grow_transformer).
 """
@@ -122,9 +124,9 @@ def noisy_frames_loss(model, x0, eps, sf, ids, lengths, device="cpu", motion_wei
 
     motion_weight m adds m times the mean square of the error's change from one scored latent frame to the next
     (`--motion-weight`): an error that is the same in every frame (a whole clip off by the same amount) costs
-    nothing there, one that changes from frame to frame (an object drawn still where it moves) costs more.
-    Both terms are least at the same prediction (the data's mean velocity), so the target is
-    unchanged; only the weighting of errors shifts towards the frame-to-frame change, the motion."""
+    nothing there, one that changes from frame to frame (an object drawn still where it moves) costs more. Both
+    terms are least at the same prediction (the data's mean velocity), so the target is unchanged; only the
+    weighting of errors shifts towards the frame-to-frame change, the motion."""
     x0, eps, sf = x0.to(device), eps.to(device), sf.to(device)  # the batch may come from the CPU
     s = sf.view(*sf.shape[:1], 1, sf.shape[1], 1, 1)
     xt = (1 - s) * x0 + s * eps
