@@ -653,6 +653,28 @@ def test_teacher_latent_prefixes_are_the_latents_of_shorter_clips():
     assert TeacherTask(Data(), None, 0.1, 3.0, "cpu").batch([0, 1])[1].shape[2] == 9
 
 
+class _OnePromptClips:
+    """Latent clips x0 [N, C, F, h, w] that all carry one prompt: a LatentSet's `get` for TeacherTask."""
+
+    def __init__(self, x0):
+        self.x0 = x0
+
+    def get(self, ids):
+        return ["a red circle moving left on a black background"] * len(ids), self.x0[: len(ids)]
+
+
+def _recording_zero_model():
+    """A stand-in teacher that predicts v = 0 (a loss is then the mean of (eps - x0)^2 over what it scores) and keeps
+    its last inputs in the returned dict."""
+    seen = {}
+
+    def model(xt, tt, ids, lengths):
+        seen.update(xt=xt, t=tt)
+        return torch.zeros_like(xt)
+
+    return model, seen
+
+
 @pytest.mark.parametrize("seed", [2, 3])
 def test_teacher_clean_context_frames_are_clean_and_unscored(seed):
     """--p-context: a sample keeps its first n latent frames clean (x_0 at timestep 0) and the loss averages the
@@ -671,18 +693,10 @@ def test_teacher_clean_context_frames_are_clean_and_unscored(seed):
 
     x0 = torch.randn(6, 4, 5, 4, 4, generator=g)
 
-    class Data:
-        def get(self, ids):
-            return ["a red circle moving left on a black background"] * len(ids), x0[: len(ids)]
-
-    seen = {}
-
-    def model(xt, tt, ids, lengths):  # predicts v = 0: the loss is then the mean of (eps - x0)^2 it scores
-        seen.update(xt=xt, t=tt)
-        return torch.zeros_like(xt)
+    data, (model, seen) = _OnePromptClips(x0), _recording_zero_model()
 
     tok = ShapesTextEncoder(ShapesTextConfig(dim=preset.model.text_dim))
-    task = TeacherTask(Data(), tok, 0.0, 3.0, "cpu", p_context=1.0)
+    task = TeacherTask(data, tok, 0.0, 3.0, "cpu", p_context=1.0)
     loss, _ = task.loss(model, task.batch(range(6)), torch.Generator().manual_seed(seed))
     tt = seen["t"]
     assert tt.shape == (6, 5)
@@ -696,7 +710,7 @@ def test_teacher_clean_context_frames_are_clean_and_unscored(seed):
     eps = (seen["xt"] - (1 - s) * x0) / s.clamp_min(1e-12)  # recovered noise on the noisy frames
     torch.testing.assert_close(loss, (eps - x0)[~cm].square().mean(), atol=1e-4, rtol=1e-4)
 
-    plain = TeacherTask(Data(), tok, 0.0, 3.0, "cpu")  # without the flag: one scalar timestep per sample
+    plain = TeacherTask(data, tok, 0.0, 3.0, "cpu")  # without the flag: one scalar timestep per sample
     plain.loss(model, plain.batch(range(6)), torch.Generator().manual_seed(seed))
     assert seen["t"].shape == (6,)
 
@@ -761,9 +775,7 @@ def test_teacher_motion_weight_adds_the_error_change_between_scored_frames(seed,
     g = torch.Generator().manual_seed(seed)
     x0, pred = torch.randn(5, 3, 6, 3, 5, generator=g), torch.randn(5, 3, 6, 3, 5, generator=g)  # odd sizes
 
-    class Data:
-        def get(self, ids):
-            return ["a red circle moving left on a black background"] * len(ids), x0[: len(ids)]
+    data = _OnePromptClips(x0)
 
     seen = {}
 
@@ -773,7 +785,7 @@ def test_teacher_motion_weight_adds_the_error_change_between_scored_frames(seed,
 
     tok = ShapesTextEncoder(ShapesTextConfig(dim=8))
     m = 0.7
-    task = TeacherTask(Data(), tok, 0.0, 3.0, "cpu", p_context=p_context, motion_weight=m)
+    task = TeacherTask(data, tok, 0.0, 3.0, "cpu", p_context=p_context, motion_weight=m)
     loss, _ = task.loss(model, task.batch(range(5)), torch.Generator().manual_seed(seed))
     tt = seen["t"]
     assert tt.shape == (5, 6)
@@ -817,18 +829,10 @@ def test_teacher_independent_frame_sigmas_after_the_context(seed, p_context):
     g = torch.Generator().manual_seed(seed)
     x0 = torch.randn(6, 3, 7, 3, 5, generator=g)
 
-    class Data:
-        def get(self, ids):
-            return ["a red circle moving left on a black background"] * len(ids), x0[: len(ids)]
-
-    seen = {}
-
-    def model(xt, tt, ids, lengths):  # predicts v = 0: the loss is then the mean of (eps - x0)^2 it scores
-        seen.update(xt=xt, t=tt)
-        return torch.zeros_like(xt)
+    data, (model, seen) = _OnePromptClips(x0), _recording_zero_model()
 
     tok = ShapesTextEncoder(ShapesTextConfig(dim=8))
-    task = TeacherTask(Data(), tok, 0.0, 3.0, "cpu", p_context=p_context, p_independent=1.0)
+    task = TeacherTask(data, tok, 0.0, 3.0, "cpu", p_context=p_context, p_independent=1.0)
     loss, _ = task.loss(model, task.batch(range(6)), torch.Generator().manual_seed(seed))
     tt = seen["t"]
     assert tt.shape == (6, 7)
