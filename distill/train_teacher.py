@@ -98,10 +98,7 @@ class TeacherTask:
         sigma = shift_sigma(torch.rand(B, generator=gen), self.shift)
         eps = torch.randn(x0.shape, generator=gen)
         nf = x0.shape[2]
-        if nf > 1 and self.motion_weight and not (self.p_context or self.p_independent):  # + the motion term
-            return noisy_frames_loss(model, x0, eps, sigma[:, None].expand(B, nf), ids, lengths, self.device,
-                                     self.motion_weight)
-        if not (self.p_context or self.p_independent) or nf < 2:
+        if not (self.p_context or self.p_independent or self.motion_weight) or nf < 2:
             s = sigma.view(B, 1, 1, 1, 1)
             xt = ((1 - s) * x0 + s * eps).to(self.device)
             v = model(xt, (sigma * 1000).to(self.device), ids.to(self.device), lengths.to(self.device))
