@@ -49,6 +49,10 @@
 # MOTION_WEIGHT=M and P_INDEPENDENT=P pass train_teacher's --motion-weight and --p-independent (0: off), the two
 # losses aimed at motion that fit 3-5% better on the CPU but left direction at chance there (docs/shapes-training.md,
 # "Two losses aimed at motion"): e.g. P_INDEPENDENT=0.5 NAME=teacher-ind beside a run without it.
+# PRESET=shapes-t2-p2h8 is the same transformer in 8 heads of 16: on the CPU it drew the asked direction where 2 heads
+# did not (docs/shapes-training.md, "More heads"). The pair to run first in a lease, from scratch in two stages:
+#   PRESET=shapes-t2-p2h8 IMAGE_MINUTES=4 IMAGES=64 LR=3e-3 NAME=teacher-h8 bash distill/gpu_teacher.sh "$OUT" 4 &
+#   PRESET=shapes-t2-p2 IMAGE_MINUTES=4 IMAGES=64 LR=3e-3 NAME=teacher-h2 bash distill/gpu_teacher.sh "$OUT" 4; wait
 # CLIPS, BATCH, AMP, WORKERS, EVAL (prompts), HELDOUT (clips) and DEVICE (of the evaluations) shrink it for a dry
 # run on a CPU, e.g.
 #   CLIPS=8 BATCH=2 AMP=none WORKERS=0 EVAL=2 HELDOUT=2 DEVICE=cpu bash distill/gpu_teacher.sh /tmp/dry 0.1

@@ -27,12 +27,15 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize("seed,shape,text_len,patch", [(0, (2, 4, 5, 8, 6), 7, (1, 2, 2)),
-                                                       (1, (1, 4, 3, 10, 14), 1, (1, 2, 2)),
-                                                       (2, (3, 4, 1, 4, 4), 13, (1, 2, 2)),
-                                                       (3, (2, 4, 3, 12, 8), 5, (1, 4, 4))])  # the shapes patch
-def test_bidirectional_equals_diffusers(seed, shape, text_len, patch):
+@pytest.mark.parametrize("seed,shape,text_len,patch,heads", [(0, (2, 4, 5, 8, 6), 7, (1, 2, 2), None),
+                                                             (1, (1, 4, 3, 10, 14), 1, (1, 2, 2), None),
+                                                             (2, (3, 4, 1, 4, 4), 13, (1, 2, 2), None),
+                                                             (3, (2, 4, 3, 12, 8), 5, (1, 4, 4), None),  # shapes
+                                                             (4, (2, 4, 7, 6, 10), 3, (1, 2, 2), (8, 16))])  # p2h8
+def test_bidirectional_equals_diffusers(seed, shape, text_len, patch, heads):
     cfg = dataclasses.replace(get_preset("tiny").model, patch_size=patch)
+    if heads:  # another cut of the width into heads: RoPE's split of a head's channels changes with it
+        cfg = dataclasses.replace(cfg, num_attention_heads=heads[0], attention_head_dim=heads[1])
     ref, ours = random_pair(seed, cfg)
     g = torch.Generator().manual_seed(seed + 100)
     x = torch.randn(shape, generator=g)
