@@ -253,9 +253,10 @@ PRESETS["shapes-t2"] = PRESETS["shapes"].replace(name="shapes-t2", vae=dataclass
 PRESETS["shapes-t2-p2"] = PRESETS["shapes-t2"].replace(name="shapes-t2-p2", model=PRESETS["shapes-p2"].model)
 
 # `shapes-t2-p2` with its width cut into 8 heads of 16 instead of 2 of 64: the same parameters (a 2-head checkpoint
-# loads), the same attention cost. RoPE gives each head one preferred offset in (time, row, column), so a head can
-# follow a moving object one frame back, not along its whole track; with 16 heads in all, the 2-head teacher drew
-# directions unrelated to the prompt, while 64 heads drew the asked one (docs/shapes-training.md, "More heads").
+# loads), the same attention FLOPs. RoPE gives each head one preferred offset in (time, row, column), so a head can
+# follow a moving object one frame back, not along its whole track. In a world of four prompts that differ in
+# direction only, the 2-head teacher (16 heads in all) drew directions unrelated to the prompt and this one (64) the
+# asked one, from the same weights and batches (docs/shapes-training.md, "More heads").
 PRESETS["shapes-t2-p2h8"] = PRESETS["shapes-t2-p2"].replace(name="shapes-t2-p2h8", model=dataclasses.replace(
     PRESETS["shapes-t2-p2"].model, num_attention_heads=8, attention_head_dim=16))
 
