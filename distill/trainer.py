@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import copy
 import fnmatch
+import gc
 import hashlib
 import json
 import math
@@ -125,6 +126,7 @@ def teardown_distributed() -> None:
     while another still talks to it. A rank exiting mid-conversation can abort in gloo's thread destructors
     ("terminate called without an active exception": seen once in CI's torchrun test)."""
     if dist.is_initialized():
+        gc.collect()  # what is left of a trainer (FSDP's device mesh holds the process group) goes first
         dist.barrier()
         dist.destroy_process_group()
 

@@ -68,6 +68,8 @@ def main(argv=None, on_step=None) -> Trainer:
     trainer = Trainer(make_model(cfg.seed), ToyTask(args.noise), cfg, args.out, device=device,
                       resume=not args.no_resume, quiet=args.quiet, on_step=hook)
     trainer.run()
+    if world > 1:  # nothing may hold the sharded model (its device mesh keeps the process group) past the teardown
+        trainer = None
     teardown_distributed()
     return trainer
 
