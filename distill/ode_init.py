@@ -289,6 +289,7 @@ def _main(argv=None) -> int:
     task = ODETask(Pairs(pairs), teacher.text, preset.cache.frames_per_chunk, device)
     Trainer(TeacherForced(student, preset.cache.frames_per_chunk).to(device), task, config_from_args(args),
             args.out, device=device, resume=not args.no_resume, quiet=args.quiet).run()
+    del student, task  # nothing may hold the (maybe sharded) model past the teardown: teardown_distributed
     teardown_distributed()
     return 0
 

@@ -675,6 +675,7 @@ def _main(argv=None) -> int:
     if trainer.fsdp and not args.quiet and rank == 0:
         sys.stderr.write(f"distill.self_forcing: FSDP over {world} processes: {sharding(nets)}\n")
     trainer.run()
+    del trainer, nets, task  # nothing may hold the (maybe sharded) model past the teardown: teardown_distributed
     teardown_distributed()
     return 0
 

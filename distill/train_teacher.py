@@ -574,6 +574,7 @@ def _main(argv=None) -> int:
                        args.p_independent)
     Trainer(teacher, task, config_from_args(args), out, device=device, resume=not args.no_resume,
             quiet=args.quiet).run()
+    del teacher, task  # nothing may hold the (maybe sharded) model past the teardown: teardown_distributed
     teardown_distributed()
     return 0
 
