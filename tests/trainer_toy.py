@@ -50,7 +50,7 @@ def make_model(seed: int) -> nn.Module:
     return model
 
 
-def main(argv=None, on_step=None) -> Trainer:
+def main(argv=None, on_step=None) -> Trainer | None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_args(parser, steps=30, batch_size=4, lr=1e-2, ckpt_every=10, log_every=1)
     parser.add_argument("--noise", type=float, default=0.1, help="input noise drawn from the loss generator")
