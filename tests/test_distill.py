@@ -807,11 +807,11 @@ def test_teacher_motion_weight_adds_the_error_change_between_scored_frames(seed,
     sf = torch.full((5, 6), 0.5)
     x1 = torch.zeros(5, 3, 6, 3, 5)
     steady = torch.randn(5, 3, 1, 3, 5, generator=g).expand(5, 3, 6, 3, 5)  # the same error in every frame
+    eps1 = torch.randn(5, 3, 6, 3, 5, generator=g)
 
     def model_steady(xt, tt, ids, lengths):
         return (eps1 - x1) + steady
 
-    eps1 = torch.randn(5, 3, 6, 3, 5, generator=g)
     ids, lengths = tok._tokenize(["a red circle moving left on a black background"] * 5)
     plain = noisy_frames_loss(model_steady, x1, eps1, sf, ids, lengths)
     torch.testing.assert_close(noisy_frames_loss(model_steady, x1, eps1, sf, ids, lengths, motion_weight=m), plain,
