@@ -50,7 +50,9 @@
 # losses aimed at motion that fit 3-5% better on the CPU but left direction at chance there (docs/shapes-training.md,
 # "Two losses aimed at motion"): e.g. P_INDEPENDENT=0.5 NAME=teacher-ind beside a run without it.
 # PRESET=shapes-t2-p2h8 is the same transformer in 8 heads of 16: on the CPU it drew the asked direction where 2 heads
-# did not (docs/shapes-training.md, "More heads"). The pair to run first in a lease, from scratch in two stages:
+# did not in a one-prompt-family world, though not yet in the whole world after 1,215 video steps
+# (docs/shapes-training.md, "More heads" and "An 8-head teacher in two stages"). The pair to run first in a lease,
+# from scratch in two stages:
 #   PRESET=shapes-t2-p2h8 IMAGE_MINUTES=4 IMAGES=64 LR=3e-3 NAME=teacher-h8 bash distill/gpu_teacher.sh "$OUT" 4 &
 #   PRESET=shapes-t2-p2 IMAGE_MINUTES=4 IMAGES=64 LR=3e-3 NAME=teacher-h2 bash distill/gpu_teacher.sh "$OUT" 4; wait
 # CLIPS, BATCH, AMP, WORKERS, EVAL (prompts), HELDOUT (clips) and DEVICE (of the evaluations) shrink it for a dry
