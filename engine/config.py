@@ -256,7 +256,8 @@ PRESETS["shapes-t2-p2"] = PRESETS["shapes-t2"].replace(name="shapes-t2-p2", mode
 # loads), the same attention FLOPs. RoPE gives each head one preferred offset in (time, row, column), so a head can
 # follow a moving object one frame back, not along its whole track. In a world of four prompts that differ in
 # direction only, the 2-head teacher (16 heads in all) drew directions unrelated to the prompt and this one (64) the
-# asked one, from the same weights and batches (docs/shapes-training.md, "More heads").
+# asked one, from the same weights and batches (docs/shapes-training.md, "More heads"). In the whole world, trained
+# as the 2-head teacher was, it had not yet after 1,215 video steps ("An 8-head teacher in two stages").
 PRESETS["shapes-t2-p2h8"] = PRESETS["shapes-t2-p2"].replace(name="shapes-t2-p2h8", model=dataclasses.replace(
     PRESETS["shapes-t2-p2"].model, num_attention_heads=8, attention_head_dim=16))
 
